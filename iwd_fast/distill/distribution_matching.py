@@ -1,0 +1,123 @@
+"""DM: distribution matching (Zhao & Bilen 2023), with influence weighting.
+
+Per iteration a fresh random network embeds a real batch and the synthetic images of every class; the
+synthetic class mean is pulled towards the real class mean. IWD makes the real mean a weighted mean
+(SCIENCE.md section 1). Its explicit score is an embedding dot, s_i = <f(x_i), v> with
+v = d||mu_w - mu_syn||^2 / d mu_w: nearly free. Validation and self targets score the real batch at
+the same random network through a captured classification backward (an extra forward/backward on
+scoring steps).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..augment import dsa_augment
+from ..capture import capture
+from ..config import DistillConfig
+from ..hooks import IndexedClassSampler, weighted_class_mean
+from ..targets import implicit_direction, matching_direction, validation_gradient
+from .common import IWDState, RealPool, SyntheticSet, build_net, mix_seed
+
+__all__ = ["DistributionMatching"]
+
+
+def mean_distance(real_mean: torch.Tensor, syn_embed: torch.Tensor) -> torch.Tensor:
+    """||mu_real - mean(syn_embed)||^2 for real_mean [F], syn_embed [m, F]."""
+    return ((real_mean - syn_embed.mean(dim=0)) ** 2).sum()
+
+
+class DistributionMatching:
+    """One DM run's state; ``step(it)`` performs one iteration and returns its metrics."""
+
+    def __init__(self, cfg: DistillConfig, pool: RealPool, syn: SyntheticSet, iwd: Optional[IWDState],
+                 dsa_strategy: Optional[str], device):
+        self.cfg, self.pool, self.syn, self.iwd = cfg, pool, syn, iwd
+        self.dsa_strategy = dsa_strategy
+        self.device = device
+        self.opt_img = torch.optim.SGD(syn.parameters(), lr=cfg.lr_img, momentum=cfg.momentum_img)
+        self.sampler = IndexedClassSampler(pool.labels.cpu(), pool.num_classes, seed=mix_seed(cfg.seed, 21))
+        self.aug_gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 22))
+
+    def state_dict(self) -> Dict:
+        return {"opt_img": self.opt_img.state_dict(), "sampler": self.sampler.state_dict(),
+                "aug_gen": self.aug_gen.get_state()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.opt_img.load_state_dict(state["opt_img"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.aug_gen.set_state(state["aug_gen"])
+
+    def _augment(self, x: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
+        return x if seed is None else dsa_augment(x, self.dsa_strategy, seed=seed)
+
+    def step(self, it: int) -> Dict[str, float]:
+        cfg, pool = self.cfg, self.pool
+        net = build_net(cfg.net, pool, mix_seed(cfg.seed, 23, it), self.device).train()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        scoring = self.iwd is not None and self.iwd.due(it)
+        val_dir = None
+        if scoring and self.iwd.target == "validation":
+            with self.iwd.timer.phase("scoring"), _trainable(net):
+                params = list(net.parameters())
+                val_dir = validation_gradient(net, pool.heldout_images, pool.heldout_labels, params, scale=cfg.lr_net)
+        loss = torch.zeros((), device=self.device)
+        for c in range(pool.num_classes):
+            loss = loss + self._class_term(net, c, scoring, val_dir)
+        self.opt_img.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_img.step()
+        return {"match_loss": float(loss.detach()) / pool.num_classes}
+
+    def _class_term(self, net, c: int, scoring: bool, val_dir) -> torch.Tensor:
+        cfg, pool, syn, iwd = self.cfg, self.pool, self.syn, self.iwd
+        idx = self.sampler.sample(c, cfg.batch_real).to(self.device)
+        w = iwd.batch_weights(idx, self.device) if iwd is not None else None
+        seed = None
+        if self.dsa_strategy:
+            seed = int(torch.randint(0, 2 ** 31 - 1, (), generator=self.aug_gen))
+        x_real = self._augment(pool.images[idx], seed)
+        s_c = syn.of_class(c)
+        emb_real = net.embed(x_real).detach()
+        real_mean = weighted_class_mean(emb_real, w, validate=False)
+        emb_syn = net.embed(self._augment(s_c, seed))
+        if not scoring:
+            return mean_distance(real_mean, emb_syn)
+        with iwd.timer.phase("scoring"):
+            if iwd.target in ("explicit", "implicit"):
+                dist, (v,) = matching_direction(lambda t: mean_distance(t[0], emb_syn), [real_mean])
+                if iwd.target == "implicit":
+                    u = torch.autograd.grad(dist, s_c, retain_graph=True)[0].detach()
+
+                    def v_of(s_new: torch.Tensor, create_graph: bool) -> List[torch.Tensor]:
+                        e = net.embed(self._augment(s_new, seed))
+                        return matching_direction(lambda t: mean_distance(t[0], e), [real_mean], create_graph)[1]
+
+                    (v,) = implicit_direction([v], v_of, s_c.detach(), u, cfg.lr_img)
+                iwd.update(idx, emb_real @ v)
+                return dist
+            with _trainable(net):
+                with capture(net) as cap:
+                    logits = net(x_real)
+                    torch.autograd.grad(F.cross_entropy(logits, pool.labels[idx]), list(net.parameters()))
+                names = [n for n, _ in net.named_parameters()]
+                iwd.score_and_update(cap, idx, names, val_dir, None)
+        return mean_distance(real_mean, emb_syn)
+
+
+class _trainable:
+    """Temporarily make a network's parameters require grad (DM keeps them frozen otherwise)."""
+
+    def __init__(self, net):
+        self.params = list(net.parameters())
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(False)

@@ -1,0 +1,145 @@
+"""DC and DSA: gradient matching (Zhao et al. 2021; Zhao & Bilen 2021), with influence weighting.
+
+Per iteration a fresh network is drawn; for ``outer_loop`` steps the synthetic images of every class
+are updated so that the network's gradient on them matches its gradient on a real batch of the class,
+then the network trains ``inner_loop`` epochs on the synthetic set. IWD changes one line: the real
+loss is the weighted mean sum_i wn_i CE_i (SCIENCE.md section 1), and the real backward the loop
+already runs is captured to score the batch.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..augment import dsa_augment
+from ..capture import capture
+from ..config import DistillConfig
+from ..hooks import IndexedClassSampler, weighted_cross_entropy
+from ..targets import implicit_direction, matching_direction, validation_gradient
+from .common import IWDState, RealPool, SyntheticSet, build_net, maybe, mix_seed
+
+__all__ = ["layerwise_distance", "GradientMatching"]
+
+
+def layerwise_distance(gw_syn: Sequence[torch.Tensor], gw_real: Sequence[torch.Tensor]) -> torch.Tensor:
+    """DC's matching distance: sum over layers and output units of (1 - cosine); 1-D parameters
+    (biases, norm affines) are left out, as in the reference method."""
+    total = gw_syn[0].new_zeros(())
+    for gs, gr in zip(gw_syn, gw_real):
+        if gs.dim() == 1:
+            continue
+        gs2, gr2 = gs.reshape(gs.shape[0], -1), gr.reshape(gr.shape[0], -1)
+        cos = (gs2 * gr2).sum(-1) / (gs2.norm(dim=-1) * gr2.norm(dim=-1) + 1e-6)
+        total = total + (1 - cos).sum()
+    return total
+
+
+class GradientMatching:
+    """One DC/DSA run's state; ``step(it)`` performs one outer iteration and returns its metrics."""
+
+    def __init__(self, cfg: DistillConfig, pool: RealPool, syn: SyntheticSet, iwd: Optional[IWDState],
+                 dsa_strategy: Optional[str], device):
+        self.cfg, self.pool, self.syn, self.iwd = cfg, pool, syn, iwd
+        self.dsa_strategy = dsa_strategy
+        self.device = device
+        self.opt_img = torch.optim.SGD(syn.parameters(), lr=cfg.lr_img, momentum=cfg.momentum_img)
+        self.sampler = IndexedClassSampler(pool.labels.cpu(), pool.num_classes, seed=mix_seed(cfg.seed, 11))
+        self.aug_gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 12))
+
+    def state_dict(self) -> Dict:
+        return {"opt_img": self.opt_img.state_dict(), "sampler": self.sampler.state_dict(),
+                "aug_gen": self.aug_gen.get_state()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.opt_img.load_state_dict(state["opt_img"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.aug_gen.set_state(state["aug_gen"])
+
+    def _augment(self, x: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
+        return x if seed is None else dsa_augment(x, self.dsa_strategy, seed=seed)
+
+    def _next_seed(self) -> Optional[int]:
+        if not self.dsa_strategy:
+            return None
+        return int(torch.randint(0, 2 ** 31 - 1, (), generator=self.aug_gen))
+
+    def step(self, it: int) -> Dict[str, float]:
+        cfg, pool, syn = self.cfg, self.pool, self.syn
+        net = build_net(cfg.net, pool, mix_seed(cfg.seed, 13, it), self.device).train()
+        names = [n for n, _ in net.named_parameters()]
+        params = [p for _, p in net.named_parameters()]
+        opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
+        total = 0.0
+        for ol in range(cfg.outer_loop):
+            scoring = self.iwd is not None and self.iwd.due(it * cfg.outer_loop + ol)
+            val_dir = None
+            if scoring and self.iwd.target == "validation":
+                with self.iwd.timer.phase("scoring"):
+                    val_dir = validation_gradient(net, pool.heldout_images, pool.heldout_labels, params,
+                                                  scale=cfg.lr_net)
+            loss = torch.zeros((), device=self.device)
+            for c in range(pool.num_classes):
+                loss = loss + self._class_term(net, names, params, c, scoring, val_dir)
+            self.opt_img.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_img.step()
+            total += float(loss.detach())
+            if ol == cfg.outer_loop - 1:
+                break
+            self._train_net(net, opt_net)
+        return {"match_loss": total / (cfg.outer_loop * pool.num_classes)}
+
+    def _class_term(self, net, names, params, c: int, scoring: bool, val_dir) -> torch.Tensor:
+        cfg, pool, syn, iwd = self.cfg, self.pool, self.syn, self.iwd
+        idx = self.sampler.sample(c, cfg.batch_real).to(self.device)
+        x_real, y_real = pool.images[idx], pool.labels[idx]
+        w = iwd.batch_weights(idx, self.device) if iwd is not None else None
+        seed = self._next_seed()
+        x_real = self._augment(x_real, seed)
+        y_syn = syn.labels[c * syn.ipc:(c + 1) * syn.ipc]
+
+        with maybe(capture(net), scoring) as cap:
+            loss_real = weighted_cross_entropy(net(x_real), y_real, w, validate=False)
+            gw_real = [g.detach() for g in torch.autograd.grad(loss_real, params)]
+
+        def syn_grads(s_c: torch.Tensor, create_graph: bool = True) -> List[torch.Tensor]:
+            out = net(self._augment(s_c, seed))
+            return list(torch.autograd.grad(F.cross_entropy(out, y_syn), params, create_graph=create_graph))
+
+        s_c = syn.of_class(c)
+        gw_syn = syn_grads(s_c)
+        if not (scoring and iwd.target in ("explicit", "implicit")):
+            dist = layerwise_distance(gw_syn, gw_real)
+            if scoring:
+                with iwd.timer.phase("scoring"):
+                    iwd.score_and_update(cap, idx, names, val_dir, w)
+            return dist
+        with iwd.timer.phase("scoring"):
+            dist, v = matching_direction(lambda gr: layerwise_distance(gw_syn, gr), gw_real)
+            direction = v
+            if iwd.target == "implicit":
+                u = torch.autograd.grad(dist, s_c, retain_graph=True)[0].detach()
+
+                def v_of(s_new: torch.Tensor, create_graph: bool) -> List[torch.Tensor]:
+                    gs = syn_grads(s_new, create_graph=True)
+                    return matching_direction(lambda gr: layerwise_distance(gs, gr), gw_real, create_graph)[1]
+
+                direction = implicit_direction(v, v_of, s_c.detach(), u, cfg.lr_img)
+            iwd.score_and_update(cap, idx, names, direction, w)
+        return dist
+
+    def _train_net(self, net, opt_net) -> None:
+        """``inner_loop`` epochs of the network on the (detached) synthetic set."""
+        cfg, syn = self.cfg, self.syn
+        images, labels = syn.images.detach(), syn.labels
+        n = images.shape[0]
+        bs = min(cfg.batch_train_net, n)
+        for _ in range(cfg.inner_loop):
+            for start in range(0, n, bs):
+                x = self._augment(images[start:start + bs], self._next_seed())
+                loss = F.cross_entropy(net(x), labels[start:start + bs])
+                opt_net.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_net.step()

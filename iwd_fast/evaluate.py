@@ -1,0 +1,231 @@
+"""Evaluate a synthetic set the way the field does: train fresh networks on it, test on real data.
+
+SCIENCE.md section 5: for each of ``num_nets`` networks (seed ``seed * 1000 + j``), SGD with lr 0.01,
+momentum 0.9, weight decay 5e-4, lr x0.1 at half the epochs, batch 256, 1000 epochs with DSA augmentation
+or 300 without; the score is the test accuracy after the FINAL epoch (not the best epoch), reported as
+mean and population std (ddof=0) over the networks. Every random number (initialisation, shuffling, DSA
+draws) comes from seeds derived from the run seed; nothing is seeded from the clock.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .augment import default_strategy, dsa_augment
+from .config import EvalSpec, NetSpec
+from .data import ImageSet
+from .networks import build_network
+
+__all__ = ["evaluate_synthetic", "train_network", "test_accuracy", "build_eval_network", "resolve_device",
+           "describe_protocol", "FIELD_NET"]
+
+FIELD_NET = NetSpec(name="convnet", width=128, depth=3, norm="instancenorm")
+_FIELD_EPOCHS = {True: 1000, False: 300}  # with / without DSA
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """"auto" or None -> cuda when available, else cpu; anything else goes to ``torch.device``."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _mix(*keys: int) -> int:
+    """A deterministic 31-bit seed from integer keys (platform independent)."""
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1)[0] >> 1)
+
+
+def build_eval_network(net_spec: NetSpec, channels: int, num_classes: int, im_size: Tuple[int, int],
+                       seed: int) -> nn.Module:
+    """A fresh network from ``net_spec`` whose initial weights depend only on ``seed``.
+
+    The global RNG is forked and restored, so building a network does not disturb the caller's stream.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build_network(net_spec.name, channels, num_classes, im_size, width=net_spec.width,
+                             depth=net_spec.depth, norm=net_spec.norm)
+
+
+def _check_set(images: torch.Tensor, labels: torch.Tensor, who: str) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.dtype.is_floating_point:
+        raise ValueError(f"{who}: images must be a float tensor [M, C, H, W], got "
+                         f"{tuple(getattr(images, 'shape', ()))} {getattr(images, 'dtype', type(images))}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{who}: labels must be an integer tensor [{images.shape[0]}], got "
+                         f"{tuple(getattr(labels, 'shape', ()))}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"{who}: labels must be integer class indices, got {labels.dtype}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{who}: the image set is empty")
+
+
+def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: EvalSpec, seed: int,
+                  dsa_strategy: Optional[str], device=None, epochs: Optional[int] = None,
+                  steps: Optional[int] = None, progress: bool = False) -> Dict[str, float]:
+    """Train ``net`` in place with the evaluation recipe of ``spec``; returns final-epoch statistics.
+
+    images [M, C, H, W] float, labels [M] int64. SGD(spec.lr, spec.momentum, spec.weight_decay), batch
+    spec.batch_size, reshuffled every epoch, the last partial batch kept; lr x0.1 from epoch ceil(E/2)
+    on (E = ``epochs`` or spec.epochs). ``steps``: stop after that many SGD steps instead (lr x0.1 from
+    step ceil(steps/2)): the short warm-up of a scoring network on real data. DSA
+    (``dsa_augment(x, dsa_strategy, seed=...)``, one draw per batch) runs when ``spec.dsa`` and
+    ``dsa_strategy`` are set. Shuffling and DSA seeds derive from ``seed`` alone.
+    Returns {"loss": mean training loss of the last epoch, "train_acc": its accuracy, "steps": n}.
+    """
+    _check_set(images, labels, "train_network")
+    if steps is None:
+        epochs = spec.epochs if epochs is None else int(epochs)
+        if epochs < 1:
+            raise ValueError(f"train_network: epochs must be >= 1, got {epochs}")
+    elif steps < 1:
+        raise ValueError(f"train_network: steps must be >= 1, got {steps}")
+    if spec.batch_size < 1 or spec.lr <= 0:
+        raise ValueError(f"train_network: need batch_size >= 1 and lr > 0, got {spec.batch_size}, {spec.lr}")
+    device = resolve_device(device)
+    use_dsa = bool(spec.dsa and dsa_strategy and dsa_strategy.lower() != "none")
+    x_all, y_all = images.detach().to(device, torch.float32), labels.detach().to(device, torch.long)
+    m, bs = x_all.shape[0], min(spec.batch_size, x_all.shape[0])
+    per_epoch = -(-m // bs)
+    if steps is None:
+        total, decay_at = epochs * per_epoch, ((epochs + 1) // 2) * per_epoch
+    else:
+        total, decay_at = int(steps), (int(steps) + 1) // 2
+    shuffle_gen = torch.Generator().manual_seed(_mix(seed, 1))
+    dsa_gen = torch.Generator().manual_seed(_mix(seed, 2))
+    net.to(device).train()
+    opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
+                          weight_decay=spec.weight_decay)
+    step, loss_sum, correct, seen = 0, 0.0, 0, 0
+    bar = tqdm(total=total, desc="train net (steps)", leave=False, disable=not progress)
+    while step < total:
+        perm = torch.randperm(m, generator=shuffle_gen).to(device)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for start in range(0, m, bs):
+            if step >= total:
+                break
+            if step == decay_at:
+                for group in opt.param_groups:
+                    group["lr"] = spec.lr * 0.1
+            idx = perm[start:start + bs]
+            x, y = x_all[idx], y_all[idx]
+            if use_dsa:
+                x = dsa_augment(x, dsa_strategy, seed=int(torch.randint(0, 2 ** 31 - 1, (), generator=dsa_gen)))
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * y.shape[0]
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += y.shape[0]
+            step += 1
+            bar.update(1)
+    bar.close()
+    return {"loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "steps": step}
+
+
+@torch.no_grad()
+def test_accuracy(net: nn.Module, test: Union[ImageSet, Tuple[torch.Tensor, torch.Tensor]], batch: int = 1024,
+                  device=None) -> float:
+    """Top-1 accuracy in [0, 1] of ``net`` on ``test`` (an ImageSet or (images [N, C, H, W], labels [N])).
+
+    Runs in eval mode under no_grad, in batches of ``batch``; the module's train/eval mode is restored.
+    """
+    x_all, y_all = (test.images, test.labels) if isinstance(test, ImageSet) else test
+    _check_set(x_all, y_all, "test_accuracy")
+    if batch < 1:
+        raise ValueError(f"test_accuracy: batch must be >= 1, got {batch}")
+    device = resolve_device(device)
+    was_training = net.training
+    net.to(device).eval()
+    correct = 0
+    try:
+        for start in range(0, x_all.shape[0], batch):
+            x = x_all[start:start + batch].to(device, torch.float32)
+            y = y_all[start:start + batch].to(device)
+            correct += int((net(x).argmax(1) == y).sum())
+    finally:
+        net.train(was_training)
+    return correct / x_all.shape[0]
+
+
+test_accuracy.__test__ = False  # a library function, not a pytest test
+
+
+def describe_protocol(spec: EvalSpec, net_spec: NetSpec, dsa_used: bool) -> str:
+    """One line naming the evaluation variant: "field (...)" when it is the field's protocol, else
+    "reduced budget (not the field's protocol): ..." listing every deviation."""
+    aug = "DSA" if dsa_used else "no DSA"
+    field_epochs = _FIELD_EPOCHS[dsa_used]
+    deviations = []
+    if spec.epochs != field_epochs:
+        deviations.append(f"{spec.epochs} epochs (field: {field_epochs} with {aug})")
+    if spec.num_nets < 5:
+        deviations.append(f"{spec.num_nets} net{'s' if spec.num_nets != 1 else ''} (field: >= 5)")
+    if (net_spec.name, net_spec.width, net_spec.depth, net_spec.norm) != \
+            (FIELD_NET.name, FIELD_NET.width, FIELD_NET.depth, FIELD_NET.norm):
+        deviations.append(f"{net_spec.name}-{net_spec.depth} width {net_spec.width} {net_spec.norm}")
+    if (spec.lr, spec.momentum, spec.weight_decay, spec.batch_size) != (0.01, 0.9, 5e-4, 256):
+        deviations.append(f"SGD lr {spec.lr} momentum {spec.momentum} wd {spec.weight_decay} "
+                          f"batch {spec.batch_size}")
+    if not deviations:
+        return f"field ({spec.epochs} epochs, {aug}, {spec.num_nets} nets, ConvNet-3 width 128)"
+    small = spec.epochs < field_epochs or spec.num_nets < 5 or net_spec.width < FIELD_NET.width
+    head = "reduced budget" if small else "non-standard"
+    return f"{head} (not the field's protocol): {aug}; " + "; ".join(deviations)
+
+
+def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test: ImageSet, spec: EvalSpec,
+                       net_spec: NetSpec, *, seed: int, dsa_strategy: Optional[str], device=None,
+                       progress: bool = True) -> Dict[str, Any]:
+    """Train ``spec.num_nets`` fresh networks on the synthetic set and test each after its final epoch.
+
+    images [M, C, H, W] float (normalised like ``test``), labels [M] int64 in [0, test.num_classes).
+    Network j uses ``spec.net`` (or ``net_spec`` when that is None) initialised with seed
+    ``seed * 1000 + j``, and the same value seeds its shuffling and DSA draws. ``dsa_strategy``: a DSA
+    strategy string, "auto" (``default_strategy(test.name)``) or None; augmentation runs only when
+    ``spec.dsa`` is also true.
+    Returns {"mean", "std" (population std, ddof=0, over nets), "std_kind", "accs", "seeds", "seconds",
+    "protocol": {spec fields, "net", "dsa", "dsa_strategy", "variant", ...}}; accuracies in [0, 1].
+    """
+    _check_set(images, labels, "evaluate_synthetic")
+    if not isinstance(test, ImageSet):
+        raise ValueError(f"evaluate_synthetic: test must be an ImageSet, got {type(test).__name__}")
+    if tuple(images.shape[1:]) != (test.channels, *test.im_size):
+        raise ValueError(f"evaluate_synthetic: synthetic images {tuple(images.shape[1:])} do not match the "
+                         f"test images {(test.channels, *test.im_size)}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= test.num_classes:
+        raise ValueError(f"evaluate_synthetic: labels must lie in [0, {test.num_classes}), got [{lo}, {hi}]")
+    if spec.num_nets < 1 or spec.epochs < 1:
+        raise ValueError(f"evaluate_synthetic: need num_nets >= 1 and epochs >= 1, got {spec.num_nets}, "
+                         f"{spec.epochs}")
+    if dsa_strategy is not None and dsa_strategy.lower() == "auto":
+        dsa_strategy = default_strategy(test.name)
+    net_spec = spec.net if spec.net is not None else net_spec
+    dsa_used = bool(spec.dsa and dsa_strategy and dsa_strategy.lower() != "none")
+    images, labels = images.detach().float().cpu(), labels.detach().long().cpu()
+    accs, seeds, started = [], [], time.perf_counter()
+    for j in tqdm(range(spec.num_nets), desc="evaluate", disable=not progress):
+        net_seed = int(seed) * 1000 + j
+        net = build_eval_network(net_spec, test.channels, test.num_classes, test.im_size, net_seed)
+        train_network(net, images, labels, spec, net_seed, dsa_strategy if dsa_used else None, device,
+                      progress=progress)
+        accs.append(test_accuracy(net, test, device=device))
+        seeds.append(net_seed)
+    arr = np.asarray(accs, dtype=np.float64)
+    protocol = {k: v for k, v in dataclasses.asdict(spec).items() if k != "net"}
+    protocol.update(net=dataclasses.asdict(net_spec), dsa=dsa_used, dsa_strategy=dsa_strategy if dsa_used else None,
+                    lr_schedule="x0.1 from epoch ceil(epochs/2)", reported="final epoch",
+                    variant=describe_protocol(spec, net_spec, dsa_used))
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=0)), "std_kind": "population (ddof=0)",
+            "accs": [float(a) for a in accs], "seeds": seeds, "seconds": time.perf_counter() - started,
+            "protocol": protocol}

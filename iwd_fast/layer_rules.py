@@ -1,0 +1,231 @@
+"""Per-layer rules: from what a layer saw (input, output gradient) to per-sample dots and norms.
+
+A rule knows one family of modules. Given the records of every call of a module during a forward
+(its input ``x`` and the gradient ``delta`` of the sum of per-sample losses at its output), it returns
+
+* ``dot``:     [B, K] per-sample <dL_i/dtheta_module, V_k>, summed over calls (the gradient is linear);
+* ``norm_sq``: [B]    per-sample ||dL_i/dtheta_module||^2 restricted to some of its parameters.
+
+The heavy products go through ``ops`` (a backend: the eager formulas in ``reference`` or a kernel
+backend with the same signatures). Rules never run a layer's parameters through autograd.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import reference
+
+__all__ = ["Record", "UnsupportedLayerError", "rule_for", "SUPPORTED_TYPES"]
+
+
+class UnsupportedLayerError(ValueError):
+    """A module whose per-sample gradient the hook path cannot express."""
+
+
+@dataclass
+class Record:
+    """One call of a module: its input and the (rescaled) gradient at its output."""
+
+    x: torch.Tensor
+    delta: Optional[torch.Tensor] = None
+
+
+class _Rule:
+    types: tuple = ()
+
+    def check(self, name: str, module: nn.Module) -> None:
+        """Raise UnsupportedLayerError if this configuration of the module is not supported."""
+
+    def dot(self, module: nn.Module, rec: Record, v: Dict[str, torch.Tensor], ops) -> torch.Tensor:
+        raise NotImplementedError
+
+    def norm_sq(self, module: nn.Module, recs: Sequence[Record], names: Sequence[str], ops) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _batch(t: torch.Tensor) -> int:
+    return t.shape[0]
+
+
+class LinearRule(_Rule):
+    types = (nn.Linear,)
+
+    @staticmethod
+    def _flat(module, rec):
+        if rec.x.dim() < 2:
+            raise UnsupportedLayerError("Linear called on an unbatched 1-D input")
+        b = _batch(rec.x)
+        return rec.x.reshape(b, -1, module.in_features), rec.delta.reshape(b, -1, module.out_features)
+
+    def dot(self, module, rec, v, ops):
+        a, d = self._flat(module, rec)
+        out = 0
+        if "weight" in v:
+            out = out + ops.linear_dot(a, v["weight"], d)
+        if "bias" in v:
+            out = out + ops.affine_dot(d.transpose(1, 2), v["bias"])
+        return out
+
+    def norm_sq(self, module, recs, names, ops):
+        flat = [self._flat(module, r) for r in recs]
+        a, d = (torch.cat(t, dim=1) for t in zip(*flat))  # calls concatenate along positions
+        out = 0
+        if "weight" in names:
+            out = out + ops.linear_grad_norm_sq(a, d, reference.choose_norm_method(a.shape[1], a.shape[2], d.shape[2]))
+        if "bias" in names:
+            out = out + d.sum(dim=1).pow(2).sum(dim=1)
+        return out
+
+
+class ConvRule(_Rule):
+    types = (nn.Conv1d, nn.Conv2d)
+
+    def check(self, name, module):
+        if isinstance(module.padding, str) and module.padding == "same":
+            total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            if any(t % 2 for t in total):
+                raise UnsupportedLayerError(f"{name}: padding='same' with an even receptive field pads asymmetrically")
+
+    @staticmethod
+    def _geometry(module, x):
+        """Explicit zero padding: returns (x padded for non-zero padding modes, padding ints)."""
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            return x, (0,) * len(module.kernel_size)
+        if isinstance(module.padding, str):
+            if module.padding == "valid":
+                return x, (0,) * len(module.kernel_size)
+            return x, tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
+        return x, tuple(module.padding)
+
+    def dot(self, module, rec, v, ops):
+        out = 0
+        if "weight" in v:
+            x, padding = self._geometry(module, rec.x)
+            out = out + ops.conv_dot(x, v["weight"], rec.delta, tuple(module.stride), padding,
+                                     tuple(module.dilation), module.groups)
+        if "bias" in v:
+            out = out + ops.affine_dot(rec.delta.flatten(2), v["bias"])
+        return out
+
+    def norm_sq(self, module, recs, names, ops):
+        out = 0
+        if "weight" in names:
+            g = module.groups
+            cols, deltas = [], []
+            for r in recs:
+                x, padding = self._geometry(module, r.x)
+                cols.append(reference.conv_unfold(x, module.kernel_size, module.stride, padding, module.dilation))
+                deltas.append(r.delta.flatten(2).transpose(1, 2))  # [B, T, Cout]
+            a, d = torch.cat(cols, dim=1), torch.cat(deltas, dim=1)
+            cin_g, cout_g = a.shape[2] // g, d.shape[2] // g
+            for j in range(g):
+                a_j = a[:, :, j * cin_g:(j + 1) * cin_g]
+                d_j = d[:, :, j * cout_g:(j + 1) * cout_g]
+                method = reference.choose_norm_method(a_j.shape[1], a_j.shape[2], d_j.shape[2])
+                out = out + ops.linear_grad_norm_sq(a_j, d_j, method)
+        if "bias" in names:
+            out = out + sum(r.delta.flatten(2).sum(dim=2) for r in recs).pow(2).sum(dim=1)
+        return out
+
+
+class NormRule(_Rule):
+    """Affine parameters of GroupNorm, LayerNorm, InstanceNorm and eval-mode BatchNorm."""
+
+    types = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm)
+
+    def check(self, name, module):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None):
+            raise UnsupportedLayerError(
+                f"{name} ({type(module).__name__}) normalises with batch statistics (training mode), which couple "
+                "samples: a per-sample gradient is not defined. Use impl='jvp' (forward mode through the batch "
+                "statistics) or call model.eval()")
+
+    @staticmethod
+    def _xhat_delta(module, rec):
+        """Normalised input and output gradient as [B, C, P] (C = the affine parameter's numel)."""
+        x, b = rec.x, _batch(rec.x)
+        if isinstance(module, nn.LayerNorm):
+            c = 1
+            for s in module.normalized_shape:
+                c *= s
+            xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+            return xhat.reshape(b, -1, c).transpose(1, 2), rec.delta.reshape(b, -1, c).transpose(1, 2)
+        if isinstance(module, nn.GroupNorm):
+            xhat = F.group_norm(x, module.num_groups, eps=module.eps)
+        elif module.running_mean is not None and not (module.training and isinstance(module, nn.modules.instancenorm._InstanceNorm)):
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            xhat = (x - module.running_mean.reshape(shape)) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
+        else:
+            xhat = F.instance_norm(x, eps=module.eps)
+        return xhat.reshape(b, x.shape[1], -1), rec.delta.reshape(b, x.shape[1], -1)
+
+    def dot(self, module, rec, v, ops):
+        xhat, d = self._xhat_delta(module, rec)
+        flat = {k: t.reshape(t.shape[0], -1) for k, t in v.items()}
+        return ops.affine_dot(d, flat.get("bias"), xhat if "weight" in flat else None, flat.get("weight"))
+
+    def norm_sq(self, module, recs, names, ops):
+        g_w, g_b = 0, 0
+        for r in recs:
+            xhat, d = self._xhat_delta(module, r)
+            g_w = g_w + (xhat * d).sum(dim=2)
+            g_b = g_b + d.sum(dim=2)
+        out = 0
+        if "weight" in names:
+            out = out + g_w.pow(2).sum(dim=1)
+        if "bias" in names:
+            out = out + g_b.pow(2).sum(dim=1)
+        return out
+
+
+class EmbeddingRule(_Rule):
+    """Embedding tables: a gather, so every backend uses the eager formula."""
+
+    types = (nn.Embedding,)
+
+    def check(self, name, module):
+        if module.scale_grad_by_freq:
+            raise UnsupportedLayerError(f"{name}: Embedding(scale_grad_by_freq=True) scales by batch counts, coupling samples")
+
+    def dot(self, module, rec, v, ops):
+        b = _batch(rec.x)
+        idx = rec.x.reshape(b, -1)
+        d = rec.delta.reshape(b, idx.shape[1], -1)
+        return reference.embedding_dot(idx, v["weight"], d, module.padding_idx)
+
+    def norm_sq(self, module, recs, names, ops):
+        b = _batch(recs[0].x)
+        idx = torch.cat([r.x.reshape(b, -1) for r in recs], dim=1)
+        d = torch.cat([r.delta.reshape(b, r.x[0].numel(), -1) for r in recs], dim=1)
+        if module.padding_idx is not None:
+            d = d * (idx != module.padding_idx).unsqueeze(-1).to(d.dtype)
+        same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(d.dtype)  # [B, T, T]
+        return (same * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
+
+
+_RULES: List[_Rule] = [LinearRule(), ConvRule(), NormRule(), EmbeddingRule()]
+SUPPORTED_TYPES: tuple = tuple(t for r in _RULES for t in r.types)
+
+
+def rule_for(module: nn.Module) -> Optional[_Rule]:
+    """The rule for ``module``, or None when the hook path cannot handle it."""
+    for rule in _RULES:
+        if isinstance(module, rule.types) and _forward_is_torchs(module):
+            return rule
+    return None
+
+
+def _forward_is_torchs(module: nn.Module) -> bool:
+    """A subclass that overrides ``forward`` (LoRA, quantised layers, ...) computes something else: refuse it."""
+    owner = next(c for c in type(module).__mro__ if "forward" in c.__dict__)
+    return owner.__module__.startswith("torch.nn.modules")
+
+
+def rule_types() -> Dict[str, Type[nn.Module]]:
+    return {t.__name__: t for t in SUPPORTED_TYPES}

@@ -1,0 +1,61 @@
+"""Per-sample losses: the scalar whose gradient every score is taken of."""
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+
+PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossSpec = Union[str, PerSampleLoss]
+
+__all__ = ["PerSampleLoss", "LossSpec", "cross_entropy_per_sample", "resolve_loss", "check_targets"]
+
+
+def cross_entropy_per_sample(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy per sample, [B].
+
+    Args:
+        logits: [B, C] (or [B, C, *] for dense prediction, summed over the trailing positions).
+        targets: int64 class indices [B] (or [B, *]), or soft labels (probabilities) shaped like ``logits``.
+    """
+    if targets.is_floating_point():
+        loss = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+    else:
+        loss = F.cross_entropy(logits, targets, reduction="none")
+    return loss.reshape(loss.shape[0], -1).sum(dim=1) if loss.dim() > 1 else loss
+
+
+def resolve_loss(loss: LossSpec) -> PerSampleLoss:
+    """Turn ``"cross_entropy"`` or a callable ``(outputs, targets) -> [B]`` into a per-sample loss."""
+    if callable(loss):
+        return loss
+    if loss in ("cross_entropy", "ce"):
+        return cross_entropy_per_sample
+    raise ValueError(f"unknown loss {loss!r}: pass 'cross_entropy' or a callable (outputs, targets) -> [B]")
+
+
+def check_targets(loss: LossSpec, outputs_shape: torch.Size, targets: torch.Tensor, batch: int) -> None:
+    """Validate targets before any work, naming offending indices (checks that vmap cannot do)."""
+    if targets.shape[0] != batch:
+        raise ValueError(f"targets have {targets.shape[0]} rows but inputs have {batch}")
+    if callable(loss) or batch == 0:
+        return
+    num_classes = outputs_shape[1]
+    if targets.is_floating_point():
+        if targets.shape != outputs_shape:
+            raise ValueError(f"soft labels must have the logits' shape {tuple(outputs_shape)}, got {tuple(targets.shape)}")
+        bad = (~torch.isfinite(targets)).flatten(1).any(1) | (targets < 0).flatten(1).any(1)
+        if bad.any():
+            raise ValueError(f"soft labels must be finite and non-negative; bad rows: {_first(bad)}")
+        return
+    bad = (targets < 0) | (targets >= num_classes)
+    if bad.any():
+        rows = bad.reshape(batch, -1).any(1)
+        raise ValueError(f"labels outside [0, {num_classes}) at indices {_first(rows)}")
+
+
+def _first(mask: torch.Tensor, n: int = 10) -> str:
+    idx = mask.nonzero().flatten().tolist()
+    more = f" (+{len(idx) - n} more)" if len(idx) > n else ""
+    return f"{idx[:n]}{more}"

@@ -1,0 +1,207 @@
+"""Run folders: the config, the environment, JSONL metrics, tensors, checkpoints and phase timings.
+
+Layout of one run folder::
+
+    config.json           the DistillConfig (write_config)
+    env.json              versions, platform, device, git sha (write_env)
+    metrics.jsonl         one JSON object per line, each with "time" (ISO 8601, UTC) (log)
+    <name>.safetensors    tensors (save_tensors), e.g. synthetic.safetensors with images and labels
+    <name>.json           any JSON document (save_json)
+    checkpoint.pt         resumable state, written atomically (checkpoint / load_checkpoint)
+    timing.json           accumulated wall-clock seconds per phase (timer)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = ["RunFolder", "environment", "git_sha", "to_jsonable"]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert dataclasses, tensors, numpy values and paths into plain JSON types (recursively)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 and obj.dim() == 0 else obj.detach().cpu().tolist()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (Path, torch.device, torch.dtype)):
+        return str(obj)
+    return obj
+
+
+def git_sha(folder: Union[str, Path, None] = None) -> str:
+    """``git rev-parse HEAD`` in ``folder`` (default: this package's folder), or "unknown"."""
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and sha else "unknown"
+
+
+def environment(device: Union[str, torch.device, None] = None) -> Dict[str, Any]:
+    """Versions and machine facts for reproducibility: python, torch, numpy, triton (or None),
+    platform, cpu count, device (name of the GPU when the device is CUDA) and git sha."""
+    try:
+        import triton  # noqa: F401 (optional)
+        triton_version = getattr(triton, "__version__", "unknown")
+    except Exception:  # triton absent or broken: record that, never fail
+        triton_version = None
+    if device is None or str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() \
+        else platform.processor() or platform.machine()
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+            "triton": triton_version, "cuda": torch.version.cuda, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+            "device_name": device_name, "git_sha": git_sha()}
+
+
+class RunFolder:
+    """One run's output folder (created if missing); every writer returns the path it wrote."""
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"RunFolder: {self.path} exists and is not a folder")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._timings: Dict[str, float] = {}
+        existing = self.path / "timing.json"
+        if existing.is_file():  # a resumed run keeps accumulating its phases
+            self._timings = {k: float(v) for k, v in json.loads(existing.read_text()).items()}
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def file(self, name: str) -> Path:
+        """Path of ``name`` inside the folder (no sub-folders, no '..')."""
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"RunFolder: {name!r} must be a plain file name")
+        return self.path / name
+
+    def _write_text(self, name: str, text: str) -> Path:
+        """Write ``text`` atomically (temporary file in the folder, then os.replace)."""
+        target = self.file(name)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+        return target
+
+    def save_json(self, name: str, obj: Any) -> Path:
+        """Write ``obj`` (dataclasses, tensors and numpy values allowed) to ``<name>`` (".json" added)."""
+        name = name if name.endswith(".json") else name + ".json"
+        return self._write_text(name, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+    def write_config(self, cfg: Any) -> Path:
+        """config.json from a DistillConfig (or any dataclass / dict)."""
+        data = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
+        return self.save_json("config.json", data)
+
+    def read_config(self) -> Dict[str, Any]:
+        """The dict stored in config.json (``DistillConfig.from_dict`` turns it back into a config)."""
+        path = self.file("config.json")
+        if not path.is_file():
+            raise FileNotFoundError(f"RunFolder: no config.json in {self.path}")
+        return json.loads(path.read_text())
+
+    def write_env(self, device: Union[str, torch.device, None] = None) -> Path:
+        """env.json: see :func:`environment`."""
+        return self.save_json("env.json", environment(device))
+
+    def log(self, record: Dict[str, Any]) -> Path:
+        """Append ``record`` as one JSON line to metrics.jsonl, with "time" (UTC, ISO 8601) added."""
+        if not isinstance(record, dict):
+            raise ValueError(f"RunFolder.log expects a dict, got {type(record).__name__}")
+        line = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")}
+        line.update(to_jsonable(record))
+        path = self.file("metrics.jsonl")
+        with open(path, "a") as fh:
+            fh.write(json.dumps(line, sort_keys=True) + "\n")
+        return path
+
+    def read_log(self) -> list:
+        """All records of metrics.jsonl, in order ([] when nothing was logged)."""
+        path = self.file("metrics.jsonl")
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def save_tensors(self, name: str, tensors: Dict[str, torch.Tensor]) -> Path:
+        """Save a dict of tensors to ``<name>.safetensors`` (copied to CPU and made contiguous)."""
+        from safetensors.torch import save_file
+
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError("RunFolder.save_tensors expects a non-empty dict of name -> tensor")
+        name = name if name.endswith(".safetensors") else name + ".safetensors"
+        target = self.file(name)
+        tmp = target.with_name(f".{target.name}.tmp")
+        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp))
+        os.replace(tmp, target)
+        return target
+
+    def load_tensors(self, name: str) -> Dict[str, torch.Tensor]:
+        """Read ``<name>.safetensors`` back as a dict of CPU tensors."""
+        from safetensors.torch import load_file
+
+        name = name if name.endswith(".safetensors") else name + ".safetensors"
+        return load_file(str(self.file(name)))
+
+    def checkpoint(self, state: Dict[str, Any]) -> Path:
+        """torch.save ``state`` to checkpoint.pt atomically: a crash mid-write leaves the previous
+        checkpoint intact (write to a temporary file in the folder, then os.replace)."""
+        target = self.file("checkpoint.pt")
+        tmp = target.with_name(".checkpoint.pt.tmp")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return target
+
+    def load_checkpoint(self) -> Optional[Dict[str, Any]]:
+        """The state saved by :meth:`checkpoint`, or None when there is none. The file is unpickled
+        (weights_only=False) so RNG states and plain objects survive: load only your own run folders."""
+        path = self.file("checkpoint.pt")
+        if not path.is_file():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    @contextlib.contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        """Add the wall-clock seconds of the ``with`` block to phase ``name`` and rewrite timing.json
+        (also when the block raises)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timings[name] = self._timings.get(name, 0.0) + time.perf_counter() - start
+            self.save_json("timing.json", self._timings)
+
+    @property
+    def timings(self) -> Dict[str, float]:
+        """Accumulated seconds per phase (a copy)."""
+        return dict(self._timings)

@@ -1,0 +1,105 @@
+"""Influence targets: the direction v whose dot with each real instance's gradient is its score.
+
+SCIENCE.md section 2, every target as <g_i, v> (or ||g_i||^2):
+
+* "explicit"   (2a) v_c = dD/d(target_c): gradient of the class matching loss w.r.t. the real statistic.
+* "implicit"   (2b) d_c = v_c - alpha * J_v(u): the explicit direction corrected by a one-step look-ahead
+               of the synthetic set (S' = S - alpha * u, u = grad_S L); one Jacobian-vector product per
+               class, by central finite difference (``jvp_fd``) or exactly by double backward (``jvp_exact``).
+* "validation" (2c) v = eta * grad_theta L_V: first-order benefit of an instance for a held-out loss.
+* "self"       (2e) ||g_i||^2: per-sample gradient norm (small = more trusted).
+
+Raw scores returned here are those the weighter expects (see ``iwd_fast.weighting.sign_for``):
+influence on the distillation loss for explicit/implicit, benefit for validation, norm for self.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TARGETS", "DISTILL_TARGETS", "check_target", "jvp_fd", "jvp_exact", "implicit_direction",
+           "validation_gradient", "matching_direction"]
+
+TARGETS = ("explicit", "implicit", "validation", "self")
+DISTILL_TARGETS = ("explicit", "implicit")
+
+VectorFn = Callable[[torch.Tensor, bool], Sequence[torch.Tensor]]  # (S, create_graph) -> direction
+
+
+def check_target(name: str) -> str:
+    if name not in TARGETS:
+        raise ValueError(f"unknown influence target {name!r}; choose from {TARGETS}")
+    return name
+
+
+def matching_direction(distance: Callable[[Sequence[torch.Tensor]], torch.Tensor],
+                       real_stat: Sequence[torch.Tensor], create_graph: bool = False) -> tuple:
+    """(distance value, v = d distance / d real_stat) with ``real_stat`` treated as a leaf.
+
+    ``distance(stat)`` maps the real-side statistic (list of tensors) to the scalar matching loss; the
+    returned distance keeps its graph to the synthetic set.
+    """
+    leaves = [t.detach().requires_grad_(True) for t in real_stat]
+    dist = distance(leaves)
+    v = torch.autograd.grad(dist, leaves, retain_graph=True, create_graph=create_graph, allow_unused=True)
+    return dist, [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, v)]
+
+
+def jvp_fd(v_fn: VectorFn, s: torch.Tensor, u: torch.Tensor, rel_step: float = 1e-3) -> List[torch.Tensor]:
+    """J_v(u) ~ (v(S + h u) - v(S - h u)) / 2h, h = rel_step * ||S|| / ||u|| (central difference)."""
+    un = u.norm()
+    if un == 0:
+        return [torch.zeros_like(t) for t in v_fn(s, False)]
+    h = rel_step * max(s.norm().item(), 1.0) / un.item()
+    plus = v_fn((s + h * u).detach(), False)
+    minus = v_fn((s - h * u).detach(), False)
+    return [(p - m) / (2 * h) for p, m in zip(plus, minus)]
+
+
+def jvp_exact(v_fn: VectorFn, s: torch.Tensor, u: torch.Tensor) -> List[torch.Tensor]:
+    """J_v(u) exactly by the double-backward trick: J u = d/dr <J^T r, u> (``v_fn`` must keep its graph)."""
+    s = s.detach().requires_grad_(True)
+    v = v_fn(s, True)
+    rs = [torch.zeros_like(t, requires_grad=True) for t in v]
+    jt_r = torch.autograd.grad(v, s, grad_outputs=rs, create_graph=True)[0]
+    ju = torch.autograd.grad(jt_r, rs, grad_outputs=u, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(v, ju)]
+
+
+def implicit_direction(v: Sequence[torch.Tensor], v_fn: VectorFn, s: torch.Tensor, u: torch.Tensor,
+                       alpha: float, exact: bool = False) -> List[torch.Tensor]:
+    """d = v - alpha * J_v(u) (SCIENCE.md 2b): the direction after one look-ahead step S' = S - alpha u."""
+    ju = jvp_exact(v_fn, s, u) if exact else jvp_fd(v_fn, s, u)
+    return [a - alpha * b for a, b in zip(v, ju)]
+
+
+def validation_gradient(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        params: Sequence[torch.Tensor], scale: float = 1.0,
+                        batch: int = 512) -> List[torch.Tensor]:
+    """scale * grad_theta of the mean held-out cross entropy: one ordinary backward of the summed
+    per-sample losses (never a product of summed activations and summed output gradients)."""
+    total = [torch.zeros_like(p) for p in params]
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("the held-out split is empty: raise heldout_fraction")
+    for start in range(0, n, batch):
+        loss = F.cross_entropy(net(images[start:start + batch]), labels[start:start + batch], reduction="sum")
+        for acc, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:
+                acc.add_(g)
+    return [scale * t / n for t in total]
+
+
+def scores_from_capture(cap, target: str, names: Sequence[str], direction: Optional[Sequence[torch.Tensor]],
+                        sample_weights, impl: str = "auto") -> torch.Tensor:
+    """Raw per-sample scores [B] of the captured real batch for one target."""
+    if target == "self":
+        return cap.grad_norm_sq(sample_weights=sample_weights, impl=impl)
+    if direction is None:
+        raise ValueError(f"target {target!r} needs a direction")
+    dirs = {n: d for n, d in zip(names, direction) if d is not None and bool(d.abs().sum() > 0)}
+    if not dirs:
+        return torch.zeros(cap.calls[0].record.x.shape[0], device=cap.calls[0].record.x.device)
+    return cap.grad_dot(dirs, sample_weights=sample_weights, impl=impl)

@@ -1,0 +1,404 @@
+"""From influence scores to per-instance weights (SCIENCE.md sections 2 and 4).
+
+:class:`InfluenceWeighter` keeps one running score per real instance (EMA over refreshes) and turns the
+scores into weights with a per-class z-scored, temperature-scaled softmax whose mean is 1 in every class:
+
+    z_i = sign * (s_i - mean_c) / (std_c + eps)
+    w_i = n_c * softmax_c(z_i / temperature)
+    w_i <- (1 - floor) * w_i + floor
+
+Convention: after multiplying by ``sign`` a LARGER score means "upweight". Callers pass the raw score of
+their target and take ``sign`` from :func:`sign_for`:
+
+| target | raw score passed to ``update`` | policy -> sign |
+|---|---|---|
+| explicit, implicit | influence I_i on the distillation loss | informative -> +1, consistent (= auto) -> -1 |
+| validation | benefit -I_i (alignment with the held-out descent direction) | auto -> +1 |
+| self | squared per-sample gradient norm ||g_i||^2 | auto -> -1 (small norm = trusted) |
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+__all__ = ["InfluenceWeighter", "SIGN_POLICIES", "sign_for", "weight_mass_on", "auroc", "labels_fingerprint"]
+
+# target -> {accepted policy: sign}; "auto" for explicit/implicit is "consistent" (SCIENCE.md section 2).
+SIGN_POLICIES: Dict[str, Dict[str, int]] = {
+    "explicit": {"auto": -1, "consistent": -1, "informative": +1},
+    "implicit": {"auto": -1, "consistent": -1, "informative": +1},
+    "validation": {"auto": +1},
+    "self": {"auto": -1},
+}
+
+_FORMAT = "iwd_fast.InfluenceWeighter/1"
+
+
+def sign_for(target: str, policy: str = "auto") -> int:
+    """Sign (+1 or -1) that makes "larger signed score = larger weight" right for ``target`` and ``policy``.
+
+    "auto" for explicit/implicit means "consistent" (-1): the probe in SCIENCE.md section 2 found that
+    "informative" amplifies mislabeled instances. validation and self only accept "auto".
+    """
+    if target not in SIGN_POLICIES:
+        raise ValueError(f"sign_for: unknown target {target!r}; expected one of {sorted(SIGN_POLICIES)}")
+    allowed = SIGN_POLICIES[target]
+    if policy not in allowed:
+        raise ValueError(f"sign_for: policy {policy!r} is not valid for target {target!r}; "
+                         f"expected one of {sorted(allowed)}")
+    return allowed[policy]
+
+
+def _fmt(idx: Sequence[int], limit: int = 10) -> str:
+    """Short printable list of offending indices."""
+    more = f", ... ({len(idx) - limit} more)" if len(idx) > limit else ""
+    return "[" + ", ".join(str(int(i)) for i in idx[:limit]) + more + "]"
+
+
+def labels_fingerprint(labels: torch.Tensor, num_classes: int) -> Dict[str, Union[int, str]]:
+    """Dataset fingerprint: ``n``, ``num_classes`` and the sha256 of the labels as little-endian int64 bytes."""
+    arr = np.ascontiguousarray(labels.detach().cpu().numpy(), dtype="<i8")
+    return {"n": int(arr.shape[0]), "num_classes": int(num_classes),
+            "labels_sha256": hashlib.sha256(arr.tobytes()).hexdigest()}
+
+
+def _check_fingerprint(expected: dict, got: dict, where: str) -> None:
+    diffs = [f"{k} {expected[k]} vs {got[k]}" for k in ("n", "num_classes") if int(expected[k]) != int(got[k])]
+    if expected["labels_sha256"] != got["labels_sha256"]:
+        diffs.append("labels sha256 differs")
+    if diffs:
+        raise ValueError(f"{where}: saved weights belong to another dataset (saved vs given: {'; '.join(diffs)})")
+
+
+def _check_hparams(sign: int, ema: float, eps: float, where: str) -> None:
+    if sign not in (1, -1):
+        raise ValueError(f"{where}: sign must be +1 or -1, got {sign!r}")
+    if not 0.0 <= float(ema) <= 1.0:
+        raise ValueError(f"{where}: ema must lie in [0, 1], got {ema}")
+    if not float(eps) > 0.0:
+        raise ValueError(f"{where}: eps must be > 0, got {eps}")
+
+
+class InfluenceWeighter:
+    """Per-instance EMA of influence scores over a dataset of ``n`` instances, turned into weights.
+
+    Args:
+        labels: int64 [n], values in [0, num_classes).
+        num_classes: number of classes C.
+        temperature: softmax temperature tau > 0; ``math.inf`` gives uniform weights.
+        ema: beta in [0, 1]; a later score s_new updates s <- beta * s_old + (1 - beta) * s_new.
+        floor: lambda in [0, 1]; mixes the weights with uniform: w <- (1 - lambda) * w + lambda.
+        sign: +1 or -1, applied to the z-scores (see :func:`sign_for`).
+        eps: added to the per-class standard deviation.
+    """
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, *, temperature: float = 1.0, ema: float = 0.8,
+                 floor: float = 0.0, sign: int = 1, eps: float = 1e-8):
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"InfluenceWeighter: labels must be an integer tensor [n], got {labels.dtype} "
+                             f"{tuple(labels.shape)}")
+        if int(num_classes) < 1:
+            raise ValueError(f"InfluenceWeighter: num_classes must be >= 1, got {num_classes}")
+        labels = labels.detach().to("cpu", torch.int64).contiguous()
+        bad = torch.nonzero((labels < 0) | (labels >= num_classes)).flatten()
+        if bad.numel():
+            raise ValueError(f"InfluenceWeighter: labels outside [0, {num_classes}) at indices {_fmt(bad.tolist())}")
+        _check_hparams(sign, ema, eps, "InfluenceWeighter")
+        self.labels = labels
+        self.num_classes = int(num_classes)
+        self.n = int(labels.numel())
+        self.ema, self.sign, self.eps = float(ema), int(sign), float(eps)
+        self._members = [torch.nonzero(labels == c).flatten() for c in range(self.num_classes)]
+        self._fingerprint = labels_fingerprint(labels, self.num_classes)
+        self._scores = torch.zeros(self.n, dtype=torch.float64)
+        self._scored = torch.zeros(self.n, dtype=torch.bool)
+        self._cache: Dict[torch.device, torch.Tensor] = {}
+        self.temperature = temperature
+        self.floor = floor
+
+    # ----------------------------------------------------------------------------------- hyperparameters
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        value = float(value)
+        if not value > 0.0:  # also rejects nan
+            raise ValueError(f"InfluenceWeighter: temperature must be > 0 (inf allowed), got {value}")
+        self._temperature = value
+        self._cache = {}
+
+    @property
+    def floor(self) -> float:
+        return self._floor
+
+    @floor.setter
+    def floor(self, value: float) -> None:
+        value = float(value)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"InfluenceWeighter: floor must lie in [0, 1], got {value}")
+        self._floor = value
+        self._cache = {}
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Current EMA scores, float64 [n] (0 where unscored; see :attr:`scored`)."""
+        return self._scores.clone()
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """Bool [n]: which instances have received at least one score."""
+        return self._scored.clone()
+
+    @property
+    def fingerprint(self) -> dict:
+        """``n``, ``num_classes`` and ``labels_sha256`` of the labels these scores belong to."""
+        return dict(self._fingerprint)
+
+    # ------------------------------------------------------------------------------------------ updates
+    def _check_indices(self, indices: torch.Tensor, where: str) -> torch.Tensor:
+        indices = torch.as_tensor(indices)
+        if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+            raise ValueError(f"{where}: indices must be an integer tensor [m], got {indices.dtype} "
+                             f"{tuple(indices.shape)}")
+        indices = indices.detach().to("cpu", torch.int64)
+        bad = indices[(indices < 0) | (indices >= self.n)]
+        if bad.numel():
+            raise ValueError(f"{where}: indices out of range [0, {self.n}): {_fmt(bad.tolist())}")
+        return indices
+
+    def update(self, indices: torch.Tensor, scores: torch.Tensor) -> None:
+        """Fold new raw scores into the per-instance EMA.
+
+        Args:
+            indices: int64 [m], distinct dataset indices.
+            scores: float [m], raw scores (larger means "upweight" once multiplied by ``sign``).
+
+        The first score of an instance sets its value; later ones give s <- ema * s_old + (1 - ema) * s_new.
+        """
+        indices = self._check_indices(indices, "InfluenceWeighter.update")
+        scores = torch.as_tensor(scores).detach().to("cpu", torch.float64)
+        if scores.shape != indices.shape:
+            raise ValueError(f"InfluenceWeighter.update: scores shape {tuple(scores.shape)} does not match "
+                             f"indices shape {tuple(indices.shape)}")
+        uniq, counts = torch.unique(indices, return_counts=True)
+        if bool((counts > 1).any()):
+            raise ValueError(f"InfluenceWeighter.update: duplicated indices {_fmt(uniq[counts > 1].tolist())}")
+        bad = indices[~torch.isfinite(scores)]
+        if bad.numel():
+            raise ValueError(f"InfluenceWeighter.update: non-finite scores at indices {_fmt(bad.tolist())}")
+        if indices.numel() == 0:
+            return
+        old = self._scores[indices]
+        seen = self._scored[indices]
+        self._scores[indices] = torch.where(seen, self.ema * old + (1.0 - self.ema) * scores, scores)
+        self._scored[indices] = True
+        self._cache = {}
+
+    def reset(self) -> None:
+        """Forget every score (all weights back to 1)."""
+        self._scores.zero_()
+        self._scored.zero_()
+        self._cache = {}
+
+    # ------------------------------------------------------------------------------------------ weights
+    def _compute(self) -> torch.Tensor:
+        w = torch.ones(self.n, dtype=torch.float64)
+        for members in self._members:
+            n_c = members.numel()
+            scored = self._scored[members]
+            if n_c == 0 or not bool(scored.any()):
+                continue  # no information about this class: uniform weight 1
+            s = self._scores[members]
+            known = s[scored]
+            mean = known.mean()
+            std = known.std(unbiased=False)
+            s = torch.where(scored, s, mean)  # unscored instances sit at the class mean (z = 0)
+            z = self.sign * (s - mean) / (std + self.eps)
+            if math.isinf(self._temperature):
+                z = torch.zeros_like(z)
+            else:
+                z = z / self._temperature
+            w[members] = n_c * torch.softmax(z, dim=0)
+        if self._floor:
+            w = (1.0 - self._floor) * w + self._floor
+        return w.to(torch.float32)
+
+    def _cached(self, device: torch.device) -> torch.Tensor:
+        if device not in self._cache:
+            cpu = self._cache.get(torch.device("cpu"))
+            if cpu is None:
+                cpu = self._cache[torch.device("cpu")] = self._compute()
+            self._cache[device] = cpu.to(device)
+        return self._cache[device]
+
+    def weights(self, device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+        """Weights float32 [n] (a copy); mean exactly 1 in every class up to rounding. Cached until the next update."""
+        return self._cached(torch.device(device) if device is not None else torch.device("cpu")).clone()
+
+    def batch_weights(self, indices: torch.Tensor) -> torch.Tensor:
+        """Weights of a batch, float32 [m] on the device of ``indices``."""
+        device = indices.device if isinstance(indices, torch.Tensor) else torch.device("cpu")
+        idx = self._check_indices(indices, "InfluenceWeighter.batch_weights")
+        return self._cached(device)[idx.to(device)]
+
+    def normalized_batch_weights(self, indices: torch.Tensor,
+                                 labels_of_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class-wise normalised batch weights wn_i = w_i / sum_{j in B_c} w_j, float32 [m] (SCIENCE.md 1).
+
+        Within every class present in the batch the returned weights sum to 1. ``labels_of_batch`` [m]
+        (default: the stored labels of ``indices``) must agree with the stored labels.
+        """
+        w = self.batch_weights(indices)
+        idx = self._check_indices(indices, "InfluenceWeighter.normalized_batch_weights")
+        stored = self.labels[idx]
+        if labels_of_batch is not None:
+            lb = torch.as_tensor(labels_of_batch).detach().to("cpu", torch.int64)
+            if lb.shape != stored.shape:
+                raise ValueError(f"InfluenceWeighter.normalized_batch_weights: labels_of_batch shape "
+                                 f"{tuple(lb.shape)} does not match indices shape {tuple(stored.shape)}")
+            bad = idx[lb != stored]
+            if bad.numel():
+                raise ValueError(f"InfluenceWeighter.normalized_batch_weights: labels_of_batch disagree with the "
+                                 f"stored labels at indices {_fmt(bad.tolist())}")
+        lab = stored.to(w.device)
+        sums = torch.zeros(self.num_classes, dtype=w.dtype, device=w.device).index_add_(0, lab, w)
+        present = torch.unique(lab)
+        empty = present[sums[present] <= 0]
+        if empty.numel():
+            raise ValueError(f"InfluenceWeighter.normalized_batch_weights: zero total weight in classes "
+                             f"{_fmt(empty.tolist())}")
+        return w / sums[lab]
+
+    def weight_mass_on(self, mask: torch.Tensor) -> float:
+        """Fraction of the total weight carried by the instances in ``mask`` (bool [n])."""
+        return weight_mass_on(self._cached(torch.device("cpu")), mask)
+
+    # ------------------------------------------------------------------------------------ persistence
+    def hyperparameters(self) -> Dict[str, float]:
+        return {"temperature": self._temperature, "ema": self.ema, "floor": self._floor,
+                "sign": self.sign, "eps": self.eps}
+
+    def state_dict(self) -> dict:
+        """Scores float64 [n], scored mask bool [n], hyperparameters and the labels fingerprint."""
+        return {"scores": self._scores.clone(), "scored": self._scored.clone(), **self.hyperparameters(),
+                **self._fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`; ValueError if it was saved for different labels."""
+        _check_fingerprint(state, self._fingerprint, "InfluenceWeighter.load_state_dict")
+        scores = torch.as_tensor(state["scores"]).to("cpu", torch.float64)
+        scored = torch.as_tensor(state["scored"]).to("cpu", torch.bool)
+        if scores.shape != (self.n,) or scored.shape != (self.n,):
+            raise ValueError(f"InfluenceWeighter.load_state_dict: scores/scored must have shape ({self.n},), got "
+                             f"{tuple(scores.shape)} and {tuple(scored.shape)}")
+        sign, ema, eps = int(state["sign"]), float(state["ema"]), float(state["eps"])
+        _check_hparams(sign, ema, eps, "InfluenceWeighter.load_state_dict")
+        self.temperature = state["temperature"]
+        self.floor = state["floor"]
+        self.sign, self.ema, self.eps = sign, ema, eps
+        self._scores = scores.clone()
+        self._scored = scored.clone()
+        self._cache = {}
+
+    def save(self, path: str) -> None:
+        """Write a safetensors file: tensors scores/scored/labels, hyperparameters and fingerprint as metadata."""
+        from safetensors.torch import save_file
+
+        meta = {k: repr(v) for k, v in self.hyperparameters().items()}
+        meta.update({k: str(v) for k, v in self._fingerprint.items()})
+        meta["format"] = _FORMAT
+        save_file({"scores": self._scores.contiguous(), "scored": self._scored.contiguous(),
+                   "labels": self.labels.contiguous()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str, labels: Optional[torch.Tensor] = None) -> "InfluenceWeighter":
+        """Read a file written by :meth:`save`.
+
+        With ``labels`` given, refuses (ValueError) a file saved for another dataset; without, uses the
+        labels stored in the file.
+        """
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"InfluenceWeighter.load: {path} is not an InfluenceWeighter file "
+                             f"(format {meta.get('format')!r})")
+        tensors = load_file(str(path))
+        saved = {"n": int(meta["n"]), "num_classes": int(meta["num_classes"]),
+                 "labels_sha256": meta["labels_sha256"]}
+        _check_fingerprint(saved, labels_fingerprint(tensors["labels"], saved["num_classes"]),
+                           "InfluenceWeighter.load (file integrity)")
+        if labels is not None:
+            _check_fingerprint(saved, labels_fingerprint(torch.as_tensor(labels), saved["num_classes"]),
+                               "InfluenceWeighter.load")
+        hp = {k: float(meta[k]) for k in ("temperature", "ema", "floor", "eps")}
+        obj = cls(tensors["labels"] if labels is None else labels, saved["num_classes"],
+                  sign=int(meta["sign"]), **hp)
+        obj.load_state_dict({"scores": tensors["scores"], "scored": tensors["scored"], "sign": int(meta["sign"]),
+                             **hp, **saved})
+        return obj
+
+
+def weight_mass_on(weights: torch.Tensor, mask: torch.Tensor) -> float:
+    """Fraction of ``weights`` [n] (float) carried by the instances where ``mask`` [n] (bool) is True."""
+    weights = torch.as_tensor(weights).detach().to("cpu", torch.float64)
+    mask = torch.as_tensor(mask).detach().to("cpu")
+    if mask.dtype != torch.bool or mask.shape != weights.shape:
+        raise ValueError(f"weight_mass_on: mask must be bool {tuple(weights.shape)}, got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    total = float(weights.sum())
+    if not total > 0:
+        raise ValueError(f"weight_mass_on: total weight must be positive, got {total}")
+    return float(weights[mask].sum()) / total
+
+
+def _auroc_rank(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Mann-Whitney AUROC with average ranks for ties."""
+    uniq, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    first_rank = np.cumsum(counts) - counts + 1          # 1-based rank of each distinct value's first copy
+    avg_rank = first_rank + (counts - 1) / 2.0
+    ranks = avg_rank[inverse]
+    n_pos = int(positives.sum())
+    n_neg = positives.size - n_pos
+    u = ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def auroc(scores: torch.Tensor, positives: torch.Tensor, *, impl: str = "auto") -> float:
+    """Area under the ROC curve of ``scores`` [n] (higher = more suspicious) for flagging ``positives`` [n] bool.
+
+    1.0: every positive scores above every negative; 0.5: no better than chance (ties count half).
+    ``impl``: "sklearn" (sklearn.metrics.roc_auc_score), "rank" (Mann-Whitney with average ranks) or
+    "auto" (sklearn when installed, else rank).
+    """
+    s = torch.as_tensor(scores).detach().to("cpu", torch.float64).numpy().reshape(-1)
+    p = torch.as_tensor(positives).detach().to("cpu").numpy().reshape(-1)
+    if impl not in ("auto", "sklearn", "rank"):
+        raise ValueError(f"auroc: impl must be 'auto', 'sklearn' or 'rank', got {impl!r}")
+    if p.dtype != np.bool_:
+        raise ValueError(f"auroc: positives must be bool, got {p.dtype}")
+    if s.shape != p.shape:
+        raise ValueError(f"auroc: scores {s.shape} and positives {p.shape} differ in shape")
+    bad = np.nonzero(~np.isfinite(s))[0]
+    if bad.size:
+        raise ValueError(f"auroc: non-finite scores at indices {_fmt(bad.tolist())}")
+    if p.all() or not p.any():
+        raise ValueError("auroc: needs at least one positive and one negative instance")
+    if impl in ("auto", "sklearn"):
+        try:
+            from sklearn.metrics import roc_auc_score
+        except ImportError:
+            if impl == "sklearn":
+                raise ValueError("auroc: impl='sklearn' requested but scikit-learn is not installed") from None
+        else:
+            return float(roc_auc_score(p, s))
+    return _auroc_rank(s, p)
