@@ -101,6 +101,7 @@ def layer_ops(impl: str, device: torch.device) -> SimpleNamespace:
 
         return SimpleNamespace(conv_dot=_ops.conv_dot, linear_dot=_ops.linear_dot,
                                affine_dot=_ops.affine_dot, linear_grad_norm_sq=_ops.linear_grad_norm_sq)
-    from . import _triton_ops
+    from . import _triton_ops as t
 
-    return _triton_ops.ops()
+    return SimpleNamespace(conv_dot=t.conv2d_dot, linear_dot=t.linear_dot, affine_dot=t.affine_dot,
+                           linear_grad_norm_sq=t.linear_grad_norm_sq)

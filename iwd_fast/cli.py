@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--noise", type=float, default=0.3)
     m.add_argument("--influence", choices=TARGETS, default="validation")
     m.add_argument("--out", default="runs/demo")
+    m.add_argument("--preset", choices=list_presets(), default="demo", help="budget (smoke: seconds, for checks)")
     m.add_argument("--data-root", default=None)
     m.add_argument("--quiet", action="store_true")
 
@@ -165,7 +166,7 @@ def _demo(args) -> int:
 
     result = run_demo(out=args.out, method=args.method, seeds=tuple(args.seeds), noise=args.noise,
                       influence=args.influence, prefer=args.dataset, data_root=args.data_root,
-                      progress=not args.quiet)
+                      preset=args.preset, progress=not args.quiet)
     print(result["note"])
     print()
     print(result["table"])

@@ -43,9 +43,10 @@ def _subset(s: ImageSet, n: int) -> ImageSet:
     return dataclasses.replace(s, images=s.images[subset], labels=s.labels[subset])
 
 
-def demo_configs(dataset: str, method: str, seed: int, noise: float, influence: str) -> List[DistillConfig]:
+def demo_configs(dataset: str, method: str, seed: int, noise: float, influence: str,
+                 preset: str = "demo") -> List[DistillConfig]:
     """The paired configs: unweighted and IWD, same seed, same noise, same held-out split."""
-    base = preset_config("demo", method, dataset, 10)
+    base = preset_config(preset, method, dataset, 10)
     base = base.replace(noise=noise, seed=seed)
     iwd = dataclasses.replace(base.iwd, influence=influence, init="weighted")
     return [base.replace(weighting="none", iwd=iwd), base.replace(weighting="iwd", iwd=iwd)]
@@ -53,19 +54,19 @@ def demo_configs(dataset: str, method: str, seed: int, noise: float, influence: 
 
 def run_demo(out: str = "runs/demo", method: str = "dc", seeds=(0,), noise: float = 0.3,
              influence: str = "validation", prefer: str = "auto", data_root: Optional[str] = None,
-             progress: bool = True) -> Dict[str, Any]:
+             preset: str = "demo", progress: bool = True) -> Dict[str, Any]:
     """Run the paired demo; returns {"dataset", "rows": [...], "table": markdown}; writes run folders."""
     splits = pick_demo_data(prefer, data_root)
     dataset = splits.train.name
     rows = []
     for seed in seeds:
-        for cfg in demo_configs(dataset, method, seed, noise, influence):
+        for cfg in demo_configs(dataset, method, seed, noise, influence, preset):
             name = f"{method}_{cfg.weighting}_seed{seed}"
             summary = run_distillation(cfg, splits, out_dir=str(Path(out) / name), progress=progress)
             rows.append(_row(name, cfg, summary))
     table = format_table(rows, noise)
     note = (f"dataset: {dataset} ({len(splits.train)} train / {len(splits.test)} test), {noise:.0%} symmetric label "
-            f"noise, IPC 10, method {method}; budget: {describe_preset('demo')}")
+            f"noise, IPC 10, method {method}; budget: {describe_preset(preset)}")
     (Path(out) / "demo_table.md").write_text(note + "\n\n" + table + "\n")
     return {"dataset": dataset, "rows": rows, "table": table, "note": note}
 

@@ -38,8 +38,8 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
 
 
 def _mix(*keys: int) -> int:
-    """A deterministic 31-bit seed from integer keys (platform independent)."""
-    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1)[0] >> 1)
+    """A deterministic 31-bit seed from integer keys (platform independent; keys taken modulo 2**64)."""
+    return int(np.random.SeedSequence([int(k) % 2 ** 64 for k in keys]).generate_state(1)[0] >> 1)
 
 
 def build_eval_network(net_spec: NetSpec, channels: int, num_classes: int, im_size: Tuple[int, int],

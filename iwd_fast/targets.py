@@ -62,10 +62,17 @@ def jvp_exact(v_fn: VectorFn, s: torch.Tensor, u: torch.Tensor) -> List[torch.Te
     """J_v(u) exactly by the double-backward trick: J u = d/dr <J^T r, u> (``v_fn`` must keep its graph)."""
     s = s.detach().requires_grad_(True)
     v = v_fn(s, True)
-    rs = [torch.zeros_like(t, requires_grad=True) for t in v]
-    jt_r = torch.autograd.grad(v, s, grad_outputs=rs, create_graph=True)[0]
+    live = [i for i, t in enumerate(v) if t.requires_grad]  # entries that do not depend on S have J u = 0
+    out = [torch.zeros_like(t).detach() for t in v]
+    if not live:
+        return out
+    rs = [torch.zeros_like(v[i], requires_grad=True) for i in live]
+    jt_r = torch.autograd.grad([v[i] for i in live], s, grad_outputs=rs, create_graph=True)[0]
     ju = torch.autograd.grad(jt_r, rs, grad_outputs=u, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(v, ju)]
+    for i, g in zip(live, ju):
+        if g is not None:
+            out[i] = g.detach()
+    return out
 
 
 def implicit_direction(v: Sequence[torch.Tensor], v_fn: VectorFn, s: torch.Tensor, u: torch.Tensor,

@@ -117,13 +117,26 @@ def test_conv_dot_channels_last():
     _check(_ops.conv_dot, ref.conv_dot, [x, v, delta, *rest])
 
 
-@pytest.mark.parametrize("chunk_bytes", ["1", "3000", "100000000"])
+# Chunk targets: one sample per chunk, 2 (float32) or 1 (float64) samples per chunk with a remainder,
+# and the default (an even share per thread). The shapes carry enough work (> 2**19 multiply-adds) for
+# the chunks to run in parallel.
+CHUNK_BYTES = ["1", "40000", None]
+
+
+def _set_chunk_bytes(monkeypatch, chunk_bytes):
+    if chunk_bytes is None:
+        monkeypatch.delenv("IWD_FAST_CPU_CHUNK_BYTES", raising=False)
+    else:
+        monkeypatch.setenv("IWD_FAST_CPU_CHUNK_BYTES", chunk_bytes)
+
+
+@pytest.mark.parametrize("chunk_bytes", CHUNK_BYTES)
 def test_conv_dot_chunking(monkeypatch, chunk_bytes):
-    """Chunks of one sample (parallel over chunks), uneven chunks with a remainder, one chunk."""
-    monkeypatch.setenv("IWD_FAST_CPU_CHUNK_BYTES", chunk_bytes)
+    _set_chunk_bytes(monkeypatch, chunk_bytes)
     gen = torch.Generator().manual_seed(2)
-    args = _conv_args((7, 3, 5, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2), gen)
+    args = _conv_args((7, 16, 16, 12, 12, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2), gen)  # 18432 B/sample in fp32
     _check(_ops.conv_dot, ref.conv_dot, args)
+    assert torch.equal(_ops.conv_dot(*args), _ops.conv_dot(*args))  # deterministic
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -173,11 +186,13 @@ def test_linear_dot(case, strided):
     assert out.shape == (case[0], case[-1])
 
 
-@pytest.mark.parametrize("chunk_bytes", ["1", "500"])
+@pytest.mark.parametrize("chunk_bytes", CHUNK_BYTES)
 def test_linear_dot_chunking(monkeypatch, chunk_bytes):
-    monkeypatch.setenv("IWD_FAST_CPU_CHUNK_BYTES", chunk_bytes)
+    _set_chunk_bytes(monkeypatch, chunk_bytes)
     gen = torch.Generator().manual_seed(5)
-    _check(_ops.linear_dot, ref.linear_dot, _linear_args((9, 3, 5, 4, 2), gen))
+    args = _linear_args((9, 33, 64, 40, 2), gen)  # 10560 B/sample in fp32
+    _check(_ops.linear_dot, ref.linear_dot, args)
+    assert torch.equal(_ops.linear_dot(*args), _ops.linear_dot(*args))
 
 
 # --------------------------------------------------------------------------------------------- affine
@@ -238,6 +253,16 @@ def test_linear_grad_norm_sq(case, method, strided):
         a, delta = _strided(a), delta.transpose(1, 2).contiguous().transpose(1, 2)
     out = _check(_ops.linear_grad_norm_sq, ref.linear_grad_norm_sq, [a, delta, method], mag_fn=_norm_mag)
     assert out.shape == (b,)
+
+
+@pytest.mark.parametrize("chunk_bytes", CHUNK_BYTES)
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_linear_grad_norm_sq_chunking(monkeypatch, chunk_bytes, method):
+    _set_chunk_bytes(monkeypatch, chunk_bytes)
+    gen = torch.Generator().manual_seed(11)
+    a, delta = _rand(9, 40, 64, gen=gen), _rand(9, 40, 48, gen=gen)
+    _check(_ops.linear_grad_norm_sq, ref.linear_grad_norm_sq, [a, delta, method], mag_fn=_norm_mag)
+    assert torch.equal(_ops.linear_grad_norm_sq(a, delta, method), _ops.linear_grad_norm_sq(a, delta, method))
 
 
 def test_linear_grad_norm_sq_bad_method():

@@ -11,7 +11,11 @@ from iwd_fast.networks import build_network
 
 from conftest import error_budget
 
-HOOK_IMPLS_HERE = ["torch"]  # compiled/Triton backends have their own test files
+from iwd_fast import _dispatch
+
+# Every hook backend usable on CPU tensors here: "torch" always, "cpu" when iwd_fast._C is built,
+# "triton" under TRITON_INTERPRET=1 (conftest sets it on machines without CUDA).
+HOOK_IMPLS_HERE = [i for i in _dispatch.HOOK_IMPLS if _dispatch.why_not(i, torch.device("cpu")) is None]
 
 
 class Flat(nn.Module):
@@ -144,13 +148,14 @@ def test_grad_dot_float32_within_error_budget(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_grad_norm_sq_matches_reference(case):
+@pytest.mark.parametrize("impl", HOOK_IMPLS_HERE)
+def test_grad_norm_sq_matches_reference(case, impl):
     m, x, y = make_case(case)
     ref = iwd_fast.grad_norm_sq(m, x, y, impl="reference")
-    got = iwd_fast.grad_norm_sq(m, x, y, impl="torch")
+    got = iwd_fast.grad_norm_sq(m, x, y, impl=impl)
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=0)
     some = [n for n, _ in m.named_parameters()][:2]
-    torch.testing.assert_close(iwd_fast.grad_norm_sq(m, x, y, params=some, impl="torch"),
+    torch.testing.assert_close(iwd_fast.grad_norm_sq(m, x, y, params=some, impl=impl),
                                iwd_fast.grad_norm_sq(m, x, y, params=some, impl="reference"), rtol=1e-9, atol=0)
 
 
@@ -241,10 +246,13 @@ def test_field_convnet3_width128(im_size, channels):
     y = torch.tensor([1, 7, 3])
     dirs = random_directions(net, 2)
     ref = iwd_fast.grad_dot(net, x, y, dirs, impl="reference")
-    torch.testing.assert_close(iwd_fast.grad_dot(net, x, y, dirs, impl="torch"), ref, rtol=1e-9, atol=1e-10)
+    compiled = [i for i in HOOK_IMPLS_HERE if i != "triton"]  # the interpreter is too slow at width 128
+    for impl in compiled:
+        torch.testing.assert_close(iwd_fast.grad_dot(net, x, y, dirs, impl=impl), ref, rtol=1e-9, atol=1e-10)
     with iwd_fast.capture(net) as cap:
         F.cross_entropy(net(x), y).backward()
-    torch.testing.assert_close(cap.grad_dot(dirs, impl="torch"), ref, rtol=1e-9, atol=1e-10)
+    for impl in compiled:
+        torch.testing.assert_close(cap.grad_dot(dirs, impl=impl), ref, rtol=1e-9, atol=1e-10)
 
 
 def test_resnet_with_eval_batchnorm():

@@ -91,11 +91,13 @@ def initial_indices(cfg: DistillConfig, pool: RealPool, device, timer: PhaseTime
 
 
 def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None, out_dir: Optional[str] = None,
-                     progress: bool = True, evaluate: bool = True) -> Dict[str, Any]:
+                     progress: bool = True, evaluate: bool = True, checkpoint_every: int = CHECKPOINT_EVERY,
+                     until: Optional[int] = None) -> Dict[str, Any]:
     """Distil ``cfg.dataset`` with ``cfg.method``; returns a summary dict (also written to the run folder).
 
-    With ``out_dir`` every artefact goes there and a checkpoint is written every CHECKPOINT_EVERY
-    iterations; rerunning with the same folder and config resumes from it.
+    With ``out_dir`` every artefact goes there and a checkpoint is written every ``checkpoint_every``
+    iterations; rerunning with the same folder and config resumes from it, bit for bit. ``until``: stop
+    after that many iterations (checkpointing first) and return {"stopped_at": n}; a later call resumes.
     """
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose from {sorted(METHODS)}")
@@ -124,7 +126,8 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
             iwd.weighter.load_state_dict(state["weighter"])
         start, history, timer.seconds = state["iteration"], state["history"], state["timing"]
     init_flipped = float(pool.flipped[init["indices"]].double().mean())
-    bar = tqdm(range(start, cfg.iterations), desc=f"{cfg.method} ipc{cfg.ipc} {cfg.weighting}", disable=not progress,
+    stop = cfg.iterations if until is None else min(int(until), cfg.iterations)
+    bar = tqdm(range(start, stop), desc=f"{cfg.method} ipc{cfg.ipc} {cfg.weighting}", disable=not progress,
                initial=start, total=cfg.iterations)
     for it in bar:
         with timer.phase("distilling"):
@@ -139,11 +142,13 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
         history.append(record)
         if run is not None:
             run.log(record)
-            if (it + 1) % CHECKPOINT_EVERY == 0 and it + 1 < cfg.iterations:
+            if ((it + 1) % checkpoint_every == 0 or it + 1 == stop) and it + 1 < cfg.iterations:
                 run.checkpoint({"config": cfg.to_dict(), "iteration": it + 1, "syn": syn.state_dict(),
                                 "method": method.state_dict(), "history": history, "timing": dict(timer.seconds),
                                 "weighter": iwd.weighter.state_dict() if iwd is not None else None})
         bar.set_postfix(loss=f"{metrics['match_loss']:.3f}")
+    if stop < cfg.iterations:
+        return {"stopped_at": stop}
     summary: Dict[str, Any] = {"config": cfg.to_dict(), "init": init["init"], "init_flipped_share": init_flipped}
     if "init_auroc_flipped" in init:
         summary["init_auroc_flipped"] = init["init_auroc_flipped"]
