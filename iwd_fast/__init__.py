@@ -8,6 +8,9 @@ from .capture import Capture, capture
 from .scoring import grad_dot, grad_norm_sq
 from ._dispatch import IMPLS, ImplUnavailableError
 from .layer_rules import UnsupportedLayerError
+from .weighting import InfluenceWeighter, sign_for
+from .hooks import IndexedClassSampler, select_initial, weighted_class_mean, weighted_cross_entropy
+from . import hooks, weighting
 
 __version__ = "0.1.0"
 
@@ -19,5 +22,11 @@ __all__ = [
     "IMPLS",
     "ImplUnavailableError",
     "UnsupportedLayerError",
+    "InfluenceWeighter",
+    "sign_for",
+    "IndexedClassSampler",
+    "select_initial",
+    "weighted_cross_entropy",
+    "weighted_class_mean",
     "__version__",
 ]

@@ -44,8 +44,10 @@ class IWDSpec:
     floor: float = 0.0
     refresh: int = 1                # rescore every `refresh` outer iterations
     heldout_fraction: float = 0.1   # validation target: stratified split held out of the training set
+    heldout_batch: int = 256        # validation target: held-out instances per refresh (drawn at random)
     warmup_steps: int = 50          # network training steps before scoring for weighted init
     init: str = "random"            # random | weighted (highest weight) | proportional (sample by weight)
+    init_influence: str = "self"    # target scored after the warm-up to pick initial images: self | validation
 
 
 @dataclass

@@ -14,6 +14,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["ImageSet", "DatasetSplits", "DATASET_NAMES", "load_dataset", "from_tensors", "from_torch_dataset",
-           "add_label_noise", "stratified_split", "class_indices", "read_idx"]
+           "add_label_noise", "stratified_split", "stratified_subset", "class_indices", "read_idx"]
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
 
@@ -398,3 +399,9 @@ def class_indices(labels: torch.Tensor, num_classes: int) -> List[torch.Tensor]:
     if labels.numel() and int(labels.max()) >= num_classes:
         raise ValueError(f"class_indices: labels go up to {int(labels.max())} but num_classes={num_classes}")
     return [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+
+
+def stratified_subset(s: ImageSet, n: int, seed: int = 0) -> ImageSet:
+    """A class-stratified subset of about ``n`` instances of ``s`` (deterministic for a seed)."""
+    _, picked = stratified_split(s.labels, min(1.0, n / len(s)), seed=seed)
+    return dataclasses.replace(s, images=s.images[picked], labels=s.labels[picked])

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .config import DistillConfig
-from .data import DatasetSplits, ImageSet, load_dataset, stratified_split
+from .data import DatasetSplits, load_dataset, stratified_subset
 from .distill import run_distillation
 from .presets import describe_preset, preset_config
 
@@ -32,15 +32,9 @@ def pick_demo_data(prefer: str = "auto", data_root: Optional[str] = None) -> Dat
             if prefer == "fashion-mnist":
                 raise
         else:
-            return DatasetSplits(train=_subset(full.train, FMNIST_TRAIN_PER_CLASS * full.train.num_classes),
-                                 test=_subset(full.test, FMNIST_TEST))
+            return DatasetSplits(train=stratified_subset(full.train, FMNIST_TRAIN_PER_CLASS * full.train.num_classes),
+                                 test=stratified_subset(full.test, FMNIST_TEST))
     return load_dataset("digits")
-
-
-def _subset(s: ImageSet, n: int) -> ImageSet:
-    """A class-stratified subset of about ``n`` instances (deterministic)."""
-    _, subset = stratified_split(s.labels, min(1.0, n / len(s)), seed=0)
-    return dataclasses.replace(s, images=s.images[subset], labels=s.labels[subset])
 
 
 def demo_configs(dataset: str, method: str, seed: int, noise: float, influence: str,

@@ -15,6 +15,7 @@ p output features, C channels.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Mapping, Sequence
 
 import torch
@@ -65,8 +66,9 @@ def conv_dot(
     cpg = cout // groups
     w = v.reshape(k, groups, cpg, *v.shape[2:]).transpose(0, 1).reshape(groups * k * cpg, *v.shape[2:])
     y = _CONV[nd](x, w, None, stride, padding, dilation, groups)  # [B, g*K*cpg, *out]
-    y = y.reshape(b, groups, k, cpg, -1)
-    d = delta.reshape(b, groups, 1, cpg, -1)
+    positions = math.prod(y.shape[2:])
+    y = y.reshape(b, groups, k, cpg, positions)
+    d = delta.reshape(b, groups, 1, cpg, positions)
     return (y * d).sum(dim=(1, 3, 4))
 
 

@@ -13,11 +13,12 @@
 // depend on the thread count. The chunk size is a fixed function of the shapes and the thread count,
 // so repeated calls give bitwise-equal results.
 //
-// Scheduling: whenever the batch has a sample per thread, the chunks themselves run in parallel and
-// each thread's conv/GEMM runs single-threaded on data that stays in that core's L2. On the shared
-// 2-core dev machine this beat running the chunks one by one with a 2-thread conv inside by 2.5x to
-// 40x (an OpenMP barrier per small conv is costly on busy cores). Batches smaller than the thread
-// count run their chunks one after another with the conv/GEMM and the row reductions parallel inside.
+// Scheduling: whenever the batch has a sample per thread and the call enough work, the chunks
+// themselves run in parallel and each thread's conv/GEMM runs single-threaded on data that stays in
+// that core's L2. On the shared 2-core dev machine this beat running the chunks one by one with a
+// 2-thread conv inside by 2.5x to 40x (an OpenMP barrier per small conv is costly on busy cores).
+// Other calls run their chunks one after another, with the conv/GEMM and the row reductions parallel
+// inside where ATen finds it worth it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -43,34 +44,38 @@ int64_t chunk_target_bytes() {
   return int64_t{512} * 1024;
 }
 
-// Samples per chunk: as many as fit the target, but no more than an even share per thread, so that
-// every thread gets a chunk whenever the batch has at least one sample per thread.
-int64_t samples_per_chunk(int64_t bytes_per_sample, int64_t batch) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t fit = chunk_target_bytes() / std::max<int64_t>(1, bytes_per_sample);
-  const int64_t share = (batch + threads - 1) / threads;
-  return std::max<int64_t>(1, std::min(fit, share));
-}
-
-// Below this many multiply-adds in a whole call (~50 us on one core) the chunks are not spread over
+// Below this many multiply-adds in a whole call (~50 us on one core) the work is not spread over
 // threads: waking a second thread costs more than it saves, and on a busy machine up to a scheduler tick.
 constexpr int64_t kMinParallelMacs = int64_t{1} << 19;
 
-// Calls process(first_sample, n_samples) for consecutive chunks covering [0, batch). With at least
-// one chunk per thread and enough work (macs_per_sample multiply-adds per sample) the chunks run in
-// parallel (the conv/GEMM inside then runs single-threaded on the core whose L2 holds its output);
-// otherwise one after another, with ATen free to parallelise inside.
+struct ChunkPlan {
+  int64_t chunk;  // samples per chunk
+  bool parallel;  // chunks spread over threads (else run one after another, ATen parallel inside)
+};
+
+// Chunks hold as many samples as fit the byte target. With a sample per thread and enough work the
+// chunks run in parallel, at most an even share per thread so that every thread gets one (the
+// conv/GEMM inside then runs single-threaded on the core whose L2 holds its output).
+ChunkPlan plan_chunks(int64_t batch, int64_t bytes_per_sample, int64_t macs_per_sample) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t fit = std::max<int64_t>(1, chunk_target_bytes() / std::max<int64_t>(1, bytes_per_sample));
+  const bool enough_work = macs_per_sample >= kMinParallelMacs / std::max<int64_t>(1, batch);
+  const bool parallel = threads > 1 && batch >= threads && enough_work && !at::in_parallel_region();
+  const int64_t share = parallel ? (batch + threads - 1) / threads : batch;
+  return {std::max<int64_t>(1, std::min(fit, share)), parallel};
+}
+
+// Calls process(first_sample, n_samples) for consecutive chunks covering [0, batch).
 template <typename F>
-void for_each_chunk(int64_t batch, int64_t chunk, int64_t macs_per_sample, const F& process) {
-  const int64_t n_chunks = (batch + chunk - 1) / chunk;
+void for_each_chunk(int64_t batch, const ChunkPlan& plan, const F& process) {
+  const int64_t n_chunks = (batch + plan.chunk - 1) / plan.chunk;
   auto run = [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      const int64_t first = c * chunk;
-      process(first, std::min(chunk, batch - first));
+      const int64_t first = c * plan.chunk;
+      process(first, std::min(plan.chunk, batch - first));
     }
   };
-  const bool enough_work = macs_per_sample >= kMinParallelMacs / std::max<int64_t>(1, batch);
-  if (n_chunks >= at::get_num_threads() && n_chunks > 1 && enough_work && !at::in_parallel_region()) {
+  if (plan.parallel) {
     at::parallel_for(0, n_chunks, 1, run);
   } else {
     run(0, n_chunks);
@@ -136,11 +141,12 @@ at::Tensor conv2d_dot_cpu(const at::Tensor& x, const at::Tensor& v, const at::Te
                            .reshape({c.groups * c.K * c.cpg, c.Cin_g, c.kh, c.kw})
                            .contiguous();
   const int64_t N = c.groups * c.K * c.cpg;
-  const int64_t chunk = samples_per_chunk(N * P * static_cast<int64_t>(x.element_size()), c.B);
+  const ChunkPlan plan =
+      plan_chunks(c.B, N * P * static_cast<int64_t>(x.element_size()), N * P * c.Cin_g * c.kh * c.kw);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_dot_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    for_each_chunk(c.B, chunk, N * P * c.Cin_g * c.kh * c.kw, [&](int64_t first, int64_t n) {
+    for_each_chunk(c.B, plan, [&](int64_t first, int64_t n) {
       const at::Tensor y = at::conv2d(x.narrow(0, first, n), w, {}, stride, padding, dilation, groups).contiguous();
       const at::Tensor dl = delta.narrow(0, first, n).contiguous();
       const scalar_t* yp = y.data_ptr<scalar_t>();
@@ -175,11 +181,11 @@ at::Tensor linear_dot_cpu(const at::Tensor& a, const at::Tensor& v, const at::Te
 
   const at::Tensor wt = v.reshape({l.K * l.p, l.d}).t();  // [d, K*p]: column k*p + c is v[k, c, :]
   const int64_t KP = l.K * l.p;
-  const int64_t chunk = samples_per_chunk(l.T * KP * static_cast<int64_t>(a.element_size()), l.B);
+  const ChunkPlan plan = plan_chunks(l.B, l.T * KP * static_cast<int64_t>(a.element_size()), l.T * KP * l.d);
 
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "linear_dot_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    for_each_chunk(l.B, chunk, l.T * KP * l.d, [&](int64_t first, int64_t n) {
+    for_each_chunk(l.B, plan, [&](int64_t first, int64_t n) {
       const at::Tensor y = at::matmul(a.narrow(0, first, n), wt).contiguous();  // [n, T, K*p]
       const at::Tensor dl = delta.narrow(0, first, n).contiguous();          // [n, T, p]
       const scalar_t* yp = y.data_ptr<scalar_t>();
@@ -261,8 +267,7 @@ at::Tensor linear_grad_norm_sq_cpu(const at::Tensor& a, const at::Tensor& delta,
     scalar_t* o = out.data_ptr<scalar_t>();
     if (m == NormMethod::kGhost) {
       // ||G_i||^2 = sum_{t, u} (a_t . a_u) (delta_t . delta_u): two [T, T] Gram matrices per sample.
-      const int64_t chunk = samples_per_chunk(2 * T * T * elem, B);
-      for_each_chunk(B, chunk, T * T * (d + p), [&](int64_t first, int64_t n) {
+      for_each_chunk(B, plan_chunks(B, 2 * T * T * elem, T * T * (d + p)), [&](int64_t first, int64_t n) {
         const at::Tensor an = a.narrow(0, first, n), dn = delta.narrow(0, first, n);
         const at::Tensor ga = at::bmm(an, an.transpose(1, 2)).contiguous();
         const at::Tensor gd = at::bmm(dn, dn.transpose(1, 2)).contiguous();
@@ -278,8 +283,7 @@ at::Tensor linear_grad_norm_sq_cpu(const at::Tensor& a, const at::Tensor& delta,
       });
     } else {
       // G_i = delta_i^T a_i [p, d], then the sum of its squares.
-      const int64_t chunk = samples_per_chunk(p * d * elem, B);
-      for_each_chunk(B, chunk, T * p * d, [&](int64_t first, int64_t n) {
+      for_each_chunk(B, plan_chunks(B, p * d * elem, T * p * d), [&](int64_t first, int64_t n) {
         const at::Tensor g = at::bmm(delta.narrow(0, first, n).transpose(1, 2), a.narrow(0, first, n)).contiguous();
         const scalar_t* gp = g.data_ptr<scalar_t>();
         std::vector<double> part(static_cast<size_t>(n * p));

@@ -13,7 +13,7 @@ from ..config import DistillConfig, EvalSpec, NetSpec
 from ..data import ImageSet
 from ..evaluate import _mix, build_eval_network
 from ..hooks import IndexedClassSampler
-from ..targets import check_target, scores_from_capture
+from ..targets import check_target, scores_from_capture, validation_gradient
 from ..weighting import InfluenceWeighter, auroc, sign_for
 
 __all__ = ["mix_seed", "RealPool", "SyntheticSet", "IWDState", "PhaseTimer", "build_net"]
@@ -94,8 +94,10 @@ class IWDState:
     target: str
     weighter: InfluenceWeighter
     refresh: int
+    heldout_batch: int = 256
     impl: str = "auto"
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    generator: torch.Generator = field(default_factory=torch.Generator)
 
     @classmethod
     def from_config(cls, cfg: DistillConfig, pool: RealPool, timer: PhaseTimer) -> Optional["IWDState"]:
@@ -109,10 +111,25 @@ class IWDState:
             raise ValueError(f"iwd.refresh must be >= 1, got {spec.refresh}")
         weighter = InfluenceWeighter(pool.labels.cpu(), pool.num_classes, temperature=spec.temperature,
                                      ema=spec.ema, floor=spec.floor, sign=sign_for(target, spec.sign))
-        return cls(target, weighter, spec.refresh, timer=timer)
+        gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 31))
+        return cls(target, weighter, spec.refresh, spec.heldout_batch, timer=timer, generator=gen)
 
     def due(self, step: int) -> bool:
         return step % self.refresh == 0
+
+    def validation_direction(self, net: nn.Module, pool: RealPool, scale: float) -> List[torch.Tensor]:
+        """scale * gradient of the mean loss of a random held-out batch (SCIENCE.md 2c), one per parameter."""
+        n = pool.heldout_labels.shape[0]
+        pick = torch.randperm(n, generator=self.generator)[:self.heldout_batch].to(pool.heldout_labels.device)
+        params = [p for p in net.parameters()]
+        return validation_gradient(net, pool.heldout_images[pick], pool.heldout_labels[pick], params, scale=scale)
+
+    def state_dict(self) -> Dict:
+        return {"weighter": self.weighter.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.weighter.load_state_dict(state["weighter"])
+        self.generator.set_state(state["generator"])
 
     def batch_weights(self, idx: torch.Tensor, device) -> torch.Tensor:
         return self.weighter.batch_weights(idx.cpu()).to(device)

@@ -18,7 +18,7 @@ from ..augment import dsa_augment
 from ..capture import capture
 from ..config import DistillConfig
 from ..hooks import IndexedClassSampler, weighted_class_mean
-from ..targets import implicit_direction, matching_direction, validation_gradient
+from ..targets import implicit_direction, matching_direction
 from .common import IWDState, RealPool, SyntheticSet, build_net, mix_seed
 
 __all__ = ["DistributionMatching"]
@@ -62,8 +62,7 @@ class DistributionMatching:
         val_dir = None
         if scoring and self.iwd.target == "validation":
             with self.iwd.timer.phase("scoring"), _trainable(net):
-                params = list(net.parameters())
-                val_dir = validation_gradient(net, pool.heldout_images, pool.heldout_labels, params, scale=cfg.lr_net)
+                val_dir = self.iwd.validation_direction(net, pool, scale=cfg.lr_net)
         loss = torch.zeros((), device=self.device)
         for c in range(pool.num_classes):
             loss = loss + self._class_term(net, c, scoring, val_dir)

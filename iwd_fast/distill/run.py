@@ -64,10 +64,10 @@ def warmup_scores(cfg: DistillConfig, pool: RealPool, device, target: str) -> to
 def initial_indices(cfg: DistillConfig, pool: RealPool, device, timer: PhaseTimer) -> Dict[str, Any]:
     """Pool indices [C * ipc] of the real images that initialise the synthetic set, plus a report.
 
-    "random": uniform per class. "weighted"/"proportional": a warm-up network scores the pool with the
-    validation target when that is the run's target, else with self-influence (explicit and implicit
-    scores need a synthetic set, which does not exist yet); then the highest-weight instances of each
-    class ("weighted") or a draw in proportion to the weights ("proportional").
+    "random": uniform per class. "weighted"/"proportional": a warm-up network scores the pool with
+    ``iwd.init_influence`` (self-influence by default: it flags flipped labels best at a trained network,
+    SCIENCE.md section 2; explicit and implicit scores need a synthetic set, which does not exist yet);
+    then the highest-weight instances of each class ("weighted") or a draw in proportion to the weights.
     """
     mode = cfg.iwd.init
     if mode == "random" or cfg.weighting == "none":
@@ -75,7 +75,9 @@ def initial_indices(cfg: DistillConfig, pool: RealPool, device, timer: PhaseTime
         return {"indices": idx, "init": "random"}
     if mode not in ("weighted", "proportional"):
         raise ValueError(f"iwd.init must be random, weighted or proportional, got {mode!r}")
-    target = "validation" if cfg.iwd.influence == "validation" else "self"
+    target = cfg.iwd.init_influence
+    if target not in ("self", "validation"):
+        raise ValueError(f"iwd.init_influence must be 'self' or 'validation', got {target!r}")
     with timer.phase("scoring"):
         raw = warmup_scores(cfg, pool, device, target).detach().cpu()
     weighter = InfluenceWeighter(pool.labels.cpu(), pool.num_classes, temperature=cfg.iwd.temperature,
@@ -123,7 +125,7 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
         syn.load_state_dict(state["syn"])
         method.load_state_dict(state["method"])
         if iwd is not None:
-            iwd.weighter.load_state_dict(state["weighter"])
+            iwd.load_state_dict(state["iwd"])
         start, history, timer.seconds = state["iteration"], state["history"], state["timing"]
     init_flipped = float(pool.flipped[init["indices"]].double().mean())
     stop = cfg.iterations if until is None else min(int(until), cfg.iterations)
@@ -145,7 +147,7 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
             if ((it + 1) % checkpoint_every == 0 or it + 1 == stop) and it + 1 < cfg.iterations:
                 run.checkpoint({"config": cfg.to_dict(), "iteration": it + 1, "syn": syn.state_dict(),
                                 "method": method.state_dict(), "history": history, "timing": dict(timer.seconds),
-                                "weighter": iwd.weighter.state_dict() if iwd is not None else None})
+                                "iwd": iwd.state_dict() if iwd is not None else None})
         bar.set_postfix(loss=f"{metrics['match_loss']:.3f}")
     if stop < cfg.iterations:
         return {"stopped_at": stop}

@@ -1,0 +1,798 @@
+"""GPU check of iwd_fast: every GPU backend against float64 oracles, then timings. One JSON, tables.
+
+    python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json     # on the GPU machine
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --cpu-smoke --out /tmp/x.json   # plumbing, on CPU
+
+Correctness (always runs in full; any FAIL or ERROR gives exit code 1):
+
+* Model level, ConvNet-3 (width 128, GroupNorm(C, C), B=64) and ResNet-18 (CIFAR, GroupNorm, B=16),
+  32x32x3, K=1 direction. Weights, inputs and directions are drawn in float32 on CPU; the float64
+  copies are exact. Each usable hook impl (torch, cuda, triton; cpu in smoke mode) runs through one
+  ``iwd_fast.capture`` (cap.grad_dot, cap.grad_norm_sq) and through the functional ``grad_dot`` /
+  ``grad_norm_sq``; ``jvp`` through ``grad_dot``. Budget (STYLE habit 6): max abs error vs the float64
+  reference <= 2 * (error of plain float32 ``impl="reference"`` on the device) + 1e-6 * max|ref|.
+  ReLU kinks: a pre-activation within rounding of 0 takes the other side in float32 (measured: one
+  sample of 64 on ConvNet-3, two of 16 on ResNet-18), which changes that sample's score by percents,
+  a difference of functions, not of arithmetic. So the oracle is taken on the function the float32
+  batched forward computes: the ReLU sign pattern of that forward is frozen (ReLU(z) = z * mask) and
+  both the float64 reference and the plain float32 reference run, sample by sample, through
+  ``grad_dot(..., impl="reference")`` on that frozen-mask twin of the network. Every path's own
+  forwards are watched; samples whose sign pattern differs from the frozen one (none expected: the
+  forward is deterministic) are left out of its error and counted. The unfrozen float32 reference
+  error is recorded too (``plain_err_unfrozen``), for information.
+* Layer level: conv_dot, linear_dot, affine_dot, linear_grad_norm_sq of the "cuda" (iwd_fast._ops)
+  and "triton" backends on odd shapes in float32/float16/bfloat16 (and float64 for cuda), with the
+  budget of tests/test_triton_kernels.py: |fast - ref64| <= 2 |torch32 - ref64| + 4 u32 mag
+  (ref64 on the exact float64 copies of the rounded inputs, torch32 the eager formula in float32 on
+  them, mag the op on absolute values); float64: gamma_n * mag.
+
+TF32 is off (cuDNN and matmul) for correctness and for the main timings: the kernels compute in IEEE
+float32, so cuDNN is timed the same way; cuDNN with TF32 on is timed afterwards when time allows.
+
+Timings (CUDA: benchmarks/harness.py -> triton.testing.do_bench; CPU smoke: perf_counter), never
+failing the script; skipped with "skipped: time budget" once --time-budget seconds have passed:
+
+* conv 128->128 3x3 pad 1, B=256, 32x32, K=1, float32: fused Triton conv-dot, fused CUDA conv-dot,
+  cuDNN conv2d(x, V) alone, cuDNN conv2d + mul + sum (reference.conv_dot, unfused). Targets:
+  triton / conv-alone <= 1.15, unfused / triton >= 1.5.
+* ConvNet-3 (B=256) and ResNet-18 (B=64): the paths of benchmarks/grad_dot_paths.py (plain fwd+bwd,
+  capture+X, functional grad_dot X, vmap(grad) reference, jvp, Opacus/BackPACK when installed),
+  median time, peak memory (torch.cuda.max_memory_allocated). Targets: capture time <= 1.4x plain,
+  capture peak memory <= 1.2x plain.
+
+--quick: ResNet-18 correctness at B=8, no ResNet-18 timing, no norm-path timing, no TF32-on timings.
+Imports only torch, numpy (through torch), triton and iwd_fast's core modules (not tqdm, matplotlib,
+scikit-learn, safetensors), so it runs on a machine with just the GPU stack.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+if importlib.util.find_spec("iwd_fast") is None:  # not installed: run from the source tree
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import harness  # noqa: E402
+import iwd_fast  # noqa: E402
+from iwd_fast import _dispatch, _ops, reference  # noqa: E402
+from iwd_fast.networks import build_network  # noqa: E402
+
+U32 = 2.0 ** -24
+U64 = 2.0 ** -53
+HALF = (torch.float16, torch.bfloat16)
+PASS, FAIL, ERROR = "PASS", "FAIL", "ERROR"
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.float64: "float64"}
+
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+def _ensure_kernels_module() -> Optional[str]:
+    """Make ``iwd_fast.kernels`` importable when the package was not pip-installed (source tree or a
+    ``setup.py build_ext --inplace`` build): the kernels live in REPO/kernels (setup.py's package_dir)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton not installed"
+    try:
+        if importlib.util.find_spec("iwd_fast.kernels") is not None:
+            return None
+        init = REPO / "kernels" / "__init__.py"
+        spec = importlib.util.spec_from_file_location("iwd_fast.kernels", init,
+                                                      submodule_search_locations=[str(init.parent)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["iwd_fast.kernels"] = module
+        spec.loader.exec_module(module)
+        iwd_fast.kernels = module
+        return "iwd_fast.kernels loaded from the source tree (package not installed)"
+    except Exception as exc:  # noqa: BLE001 - reported, the triton backend is then unavailable
+        sys.modules.pop("iwd_fast.kernels", None)
+        return f"iwd_fast.kernels failed to load: {type(exc).__name__}: {exc}"
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for cuDNN convolutions and CUDA matmuls (the legacy flags, still honoured by torch 2.11)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.backends.cudnn.allow_tf32 = enabled
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+def _err_text(exc: BaseException) -> str:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return f"{type(exc).__name__}: {exc}"[:600] + " | " + "".join(tb[-3:])[-900:]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+@dataclass
+class Plan:
+    mode: str                       # "gpu" | "cpu-smoke"
+    device: torch.device
+    ref_device: torch.device
+    models: Dict[str, dict]         # correctness models
+    timing_models: Dict[str, dict]
+    conv_micro: dict                # B, C, HW for the conv-dot micro-benchmark
+    layer_dtypes: Dict[str, tuple]  # backend -> dtypes
+    hook_impls: List[str]
+    k: int
+
+
+def make_plan(args) -> Plan:
+    smoke = args.cpu_smoke
+    device = torch.device("cpu" if smoke else "cuda")
+    ref_device = torch.device(args.ref_device) if args.ref_device else device
+    if smoke:
+        models = {"convnet3": dict(net="convnet", width=8, norm="instancenorm", batch=4, im=8),
+                  "resnet18": dict(net="resnet18", width=8, norm="groupnorm", batch=4, im=8)}
+        timing = {"convnet3": dict(models["convnet3"]), "resnet18": dict(models["resnet18"])}
+        micro = dict(b=4, c=8, hw=8)
+        dtypes = {"cpu": (torch.float32, torch.float64), "triton": (torch.float32, torch.float16, torch.bfloat16)}
+    else:
+        models = {"convnet3": dict(net="convnet", width=128, norm="instancenorm", batch=64, im=32),
+                  "resnet18": dict(net="resnet18", width=64, norm="groupnorm", batch=8 if args.quick else 16,
+                                   im=32)}
+        timing = {"convnet3": dict(models["convnet3"], batch=256)}
+        if not args.quick:
+            timing["resnet18"] = dict(models["resnet18"], batch=64)
+        micro = dict(b=256, c=128, hw=32)
+        dtypes = {"cuda": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+                  "triton": (torch.float32, torch.float16, torch.bfloat16)}
+    reasons = impl_reasons(device)
+    hooks = [i for i in _dispatch.HOOK_IMPLS if reasons[i] is None]
+    return Plan("cpu-smoke" if smoke else "gpu", device, ref_device, models, timing, micro, dtypes, hooks, args.k)
+
+
+def impl_reasons(device: torch.device) -> Dict[str, Optional[str]]:
+    """availability(device), a backend that fails to import counted as unavailable with the reason."""
+    out = {}
+    for impl in _dispatch.IMPLS:
+        if impl == "auto":
+            continue
+        try:
+            out[impl] = _dispatch.why_not(impl, device)
+        except Exception as exc:  # noqa: BLE001
+            out[impl] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+class Report:
+    """Everything the run finds; written as one JSON object."""
+
+    def __init__(self, plan: Plan, budget_s: float):
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + budget_s
+        self.plan = plan
+        self.checks: List[dict] = []
+        self.timings: List[dict] = []
+        self.targets: List[dict] = []
+        self.models: Dict[str, dict] = {}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def over_budget(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def check(self, entry: dict) -> dict:
+        self.checks.append(entry)
+        tag = entry["status"]
+        nums = "" if entry.get("err") is None else (f" err {entry['err']:.3e} <= allowed {entry['allowed']:.3e}"
+                                                     if tag == PASS else f" err {entry['err']:.3e} > allowed "
+                                                     f"{entry['allowed']:.3e}")
+        why = f"  {(entry.get('error') or '')[:300]}" if tag != PASS else ""
+        print(f"  [{tag}] {entry['name']}{nums}{why}", flush=True)
+        return entry
+
+    def target(self, name: str, value: Optional[float], threshold: Optional[float] = None, op: str = "",
+               **extra) -> None:
+        """A ratio with its target (PASS/MISS, or n/a when not measured); threshold None: "info"."""
+        if threshold is None:
+            status = "info"
+        elif value is None:
+            status = "n/a"
+        else:
+            status = PASS if (value <= threshold if op == "<=" else value >= threshold) else "MISS"
+        self.targets.append(dict(name=name, value=value, threshold=threshold, op=op, status=status, **extra))
+
+
+# ------------------------------------------------------------------------------------------ model correctness
+
+class FrozenReLU(nn.Module):
+    """ReLU with a fixed sign pattern: z * mask. ``mask`` [1 or B, *shape] is set before each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask: Optional[torch.Tensor] = None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.mask.to(z.dtype)
+
+
+def relu_names(net: nn.Module) -> Dict[nn.Module, str]:
+    return {m: n for n, m in net.named_modules() if isinstance(m, nn.ReLU)}
+
+
+def frozen_twin(net: nn.Module) -> tuple:
+    """A copy of ``net`` whose ReLUs are FrozenReLU modules: (twin, {relu name: FrozenReLU})."""
+    twin = copy.deepcopy(net)
+    slots = {}
+    for parent_name, parent in list(twin.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.ReLU):
+                if child.inplace:
+                    raise ValueError("frozen_twin: in-place ReLU")
+                frozen = FrozenReLU()
+                setattr(parent, child_name, frozen)
+                slots[f"{parent_name}.{child_name}" if parent_name else child_name] = frozen
+    return twin, slots
+
+
+class SignWatch:
+    """Forward hooks on every ReLU of ``net``: records the sign patterns of batched forwards.
+
+    ``frozen=None``: keeps the masks of the forwards it sees (to freeze them). With ``frozen`` given:
+    marks in ``self.bad`` [B] the samples whose pattern differs from it, and counts the forwards.
+    """
+
+    def __init__(self, net: nn.Module, batch: int, frozen: Optional[Dict[str, torch.Tensor]] = None):
+        self.names, self.batch, self.frozen = relu_names(net), batch, frozen
+        self.masks: Dict[str, torch.Tensor] = {}
+        self.bad: Optional[torch.Tensor] = None
+        self.calls = 0
+        self._handles: list = []
+
+    def __enter__(self) -> "SignWatch":
+        self._handles = [m.register_forward_hook(self._hook) for m in self.names]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _hook(self, module, inputs, output) -> None:
+        z = inputs[0]
+        if z.dim() == 0 or z.shape[0] != self.batch:  # probe forwards of one sample (target validation)
+            return
+        mask = (z > 0).detach()
+        name = self.names[module]
+        self.calls += 1
+        if self.frozen is None:
+            self.masks[name] = mask
+            return
+        diff = (mask != self.frozen[name]).reshape(self.batch, -1).any(dim=1).cpu()
+        self.bad = diff if self.bad is None else self.bad | diff
+
+
+def frozen_reference(net: nn.Module, masks: Dict[str, torch.Tensor], x, y, v, device, dtype) -> tuple:
+    """([B, K] or [B] grad_dot, [B] grad_norm_sq) of impl="reference" on the frozen-mask twin of ``net``,
+    one sample at a time (each sample needs its own mask), in ``dtype`` on ``device``."""
+    twin, slots = frozen_twin(net)
+    twin = twin.to(device=device, dtype=dtype)
+    x = x.to(device=device, dtype=dtype)
+    y = y.to(device)
+    v = {n: t.to(device=device, dtype=dtype) for n, t in v.items()}
+    masks = {n: m.to(device) for n, m in masks.items()}
+    missing = sorted(set(slots) - set(masks))
+    if missing:
+        raise RuntimeError(f"no sign pattern recorded for ReLUs {missing}")
+    dots, norms = [], []
+    for i in range(x.shape[0]):
+        for name, slot in slots.items():
+            slot.mask = masks[name][i:i + 1]
+        dots.append(iwd_fast.grad_dot(twin, x[i:i + 1], y[i:i + 1], v, impl="reference"))
+        norms.append(iwd_fast.grad_norm_sq(twin, x[i:i + 1], y[i:i + 1], impl="reference"))
+    return torch.cat(dots), torch.cat(norms)
+
+
+def _judge(name: str, out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, excluded: torch.Tensor,
+           want_dtype: torch.dtype, **extra) -> dict:
+    b = ref64.shape[0]
+    o = out.detach().double().cpu().reshape(b, -1)
+    r = ref64.detach().double().cpu().reshape(b, -1)
+    p = plain.detach().double().cpu().reshape(b, -1)
+    keep = ~excluded
+    entry = dict(name=name, dtype=DTYPE_NAMES.get(out.dtype, str(out.dtype)), samples=b,
+                 excluded_samples=int(excluded.sum()), **extra)
+    if o.shape != r.shape or out.dtype != want_dtype:
+        entry.update(status=FAIL, error=f"shape {tuple(out.shape)} / dtype {out.dtype}, want {tuple(ref64.shape)} / "
+                                        f"{want_dtype}")
+        return entry
+    if not keep.any():
+        entry.update(status=FAIL, error="no sample left to compare (every sample's ReLU pattern differed)")
+        return entry
+    scale = float(r.abs().max())
+    err = float((o - r)[keep].abs().max())
+    plain_err = float((p - r)[keep].abs().max())
+    allowed = 2.0 * plain_err + 1e-6 * scale
+    entry.update(err=err, plain_err=plain_err, scale=scale, allowed=allowed,
+                 status=PASS if err <= allowed else FAIL)
+    return entry
+
+
+def check_model(rep: Report, key: str, spec: dict, seed: int) -> None:
+    plan = rep.plan
+    dev, b, k = plan.device, spec["batch"], plan.k
+    print(f"\n## correctness: {key} (B={b}, width {spec['width']}, {spec['im']}x{spec['im']}x3, K={k}) on {dev}",
+          flush=True)
+    torch.manual_seed(seed)
+    net = build_network(spec["net"], 3, 10, spec["im"], width=spec["width"], norm=spec["norm"])  # float32, CPU
+    x = torch.randn(b, 3, spec["im"], spec["im"])
+    y = torch.randint(0, 10, (b,))
+    v = {n: torch.randn(k, *p.shape) for n, p in net.named_parameters()}
+    if k == 1:
+        v = {n: t[0] for n, t in v.items()}
+    netd, xd, yd = copy.deepcopy(net).to(dev), x.to(dev), y.to(dev)
+    vd = {n: t.to(dev) for n, t in v.items()}
+    params = [p for p in netd.parameters() if p.requires_grad]
+
+    t0 = time.monotonic()
+    freezer = SignWatch(netd, b)
+    with torch.no_grad(), freezer:
+        netd(xd)
+    frozen = freezer.masks
+    net64 = copy.deepcopy(net).double()
+    f64 = SignWatch(net64, b)
+    with torch.no_grad(), f64:
+        net64(x.double())
+    kinks = torch.zeros(b, dtype=torch.long)
+    for n in frozen:
+        kinks += (frozen[n].cpu() != f64.masks[n]).reshape(b, -1).sum(dim=1)
+    ref_dot, ref_norm = frozen_reference(net, frozen, x, y, v, plan.ref_device, torch.float64)
+    plain_dot, plain_norm = frozen_reference(net, frozen, x, y, v, dev, torch.float32)
+    plain_unfrozen = iwd_fast.grad_dot(netd, xd, yd, vd, impl="reference")
+    unfrozen_err = float((plain_unfrozen.double().cpu() - ref_dot.cpu()).abs().max())
+    rep.models[key] = dict(spec, k=k, relu_units_flipped_fp32_vs_fp64=kinks.tolist(),
+                           relu_sign_pattern="frozen from the float32 batched forward on the checked device",
+                           reference_device=str(plan.ref_device), references_s=round(time.monotonic() - t0, 2),
+                           plain_err_unfrozen=unfrozen_err)
+    info = dict(model=key)
+    print(f"  references in {rep.models[key]['references_s']} s; ReLU units whose float32 sign differs from float64, "
+          f"per sample: {kinks.tolist()} (frozen); unfrozen float32 reference err {unfrozen_err:.3e}", flush=True)
+    ref_dot, ref_norm = ref_dot.cpu(), ref_norm.cpu()
+
+    def run(name: str, quantity: str, impl: str, fn: Callable[[], torch.Tensor], path: str) -> None:
+        watch = SignWatch(netd, b, frozen)
+        try:
+            with watch:
+                out = fn()
+            _sync(dev)
+        except Exception as exc:  # noqa: BLE001 - one failing backend must not stop the others
+            rep.check(dict(section="model", name=name, impl=impl, path=path, quantity=quantity, status=ERROR,
+                           error=_err_text(exc), **info))
+            return
+        excluded = watch.bad if watch.bad is not None else torch.zeros(b, dtype=torch.bool)
+        ref, plain = (ref_dot, plain_dot) if quantity == "grad_dot" else (ref_norm, plain_norm)
+        entry = _judge(name, out, ref, plain, excluded, torch.float32, section="model", impl=impl, path=path,
+                       quantity=quantity, forwards_watched=watch.calls, **info)
+        if watch.calls == 0:
+            entry["note"] = "no batched ReLU forward seen: sign patterns not verified"
+        rep.check(entry)
+
+    # One capture (one forward + backward), queried by every hook impl: the kernels see identical inputs.
+    cap = None
+    watch = SignWatch(netd, b, frozen)
+    try:
+        with watch, iwd_fast.capture(netd) as cap:
+            loss = F.cross_entropy(netd(xd), yd)
+            grads = torch.autograd.grad(loss, params)
+        del grads
+        cap_excluded = watch.bad if watch.bad is not None else torch.zeros(b, dtype=torch.bool)
+    except Exception as exc:  # noqa: BLE001
+        rep.check(dict(section="model", name=f"{key} capture forward+backward", impl=None, path="capture",
+                       status=ERROR, error=_err_text(exc), **info))
+        cap = None
+    for impl in plan.hook_impls:
+        if cap is None:
+            break
+        for quantity, query in (("grad_dot", lambda i=impl: cap.grad_dot(vd, impl=i)),
+                                ("grad_norm_sq", lambda i=impl: cap.grad_norm_sq(impl=i))):
+            name = f"{key} capture {quantity} {impl}"
+            try:
+                out = query()
+                _sync(dev)
+            except Exception as exc:  # noqa: BLE001
+                rep.check(dict(section="model", name=name, impl=impl, path="capture", quantity=quantity,
+                               status=ERROR, error=_err_text(exc), **info))
+                continue
+            ref, plain = (ref_dot, plain_dot) if quantity == "grad_dot" else (ref_norm, plain_norm)
+            rep.check(_judge(name, out, ref, plain, cap_excluded, torch.float32, section="model", impl=impl,
+                             path="capture", quantity=quantity, **info))
+    for impl in plan.hook_impls:
+        run(f"{key} functional grad_dot {impl}", "grad_dot", impl,
+            lambda i=impl: iwd_fast.grad_dot(netd, xd, yd, vd, impl=i), "functional")
+        run(f"{key} functional grad_norm_sq {impl}", "grad_norm_sq", impl,
+            lambda i=impl: iwd_fast.grad_norm_sq(netd, xd, yd, impl=i), "functional")
+    run(f"{key} functional grad_dot jvp", "grad_dot", "jvp",
+        lambda: iwd_fast.grad_dot(netd, xd, yd, vd, impl="jvp"), "functional")
+
+
+# ------------------------------------------------------------------------------------------ layer correctness
+
+def _out_hw(hw, kernel, stride, padding, dilation):
+    return [(s + 2 * p - d * (kk - 1) - 1) // st + 1 for s, kk, st, p, d in zip(hw, kernel, stride, padding, dilation)]
+
+
+def layer_cases(smoke: bool) -> List[dict]:
+    """Odd shapes: (op, label, fp64 args builder -> (args, n_terms), layout)."""
+    if smoke:
+        convs = [(2, 3, 5, (5, 6), (3, 3), (2, 2), (1, 1), (1, 1), 1, 1, "contiguous"),
+                 (2, 4, 6, (5, 6), (3, 3), (1, 1), (1, 1), (2, 2), 2, 1, "channels_last")]
+        linears = [(2, 1, 9, 5, 1, "contiguous"), (2, 17, 6, 5, 1, "strided")]
+        affines = [(2, 5, 7, 1)]
+        norms = [(2, 17, 6, 5, "ghost"), (2, 3, 9, 4, "materialize")]
+    else:
+        convs = [(7, 33, 65, (17, 19), (3, 3), (2, 2), (1, 1), (1, 1), 1, 3, "contiguous"),
+                 (7, 34, 66, (17, 19), (3, 3), (1, 1), (1, 1), (1, 1), 2, 3, "contiguous"),
+                 (7, 34, 66, (17, 19), (3, 3), (2, 2), (2, 2), (2, 2), 2, 3, "channels_last"),
+                 (7, 33, 65, (17, 19), (1, 1), (2, 2), (0, 0), (1, 1), 1, 3, "contiguous")]
+        linears = [(7, 1, 513, 10, 3, "contiguous"), (7, 37, 65, 33, 3, "contiguous"), (7, 37, 65, 33, 3, "strided")]
+        affines = [(7, 65, 323, 3)]
+        norms = [(7, 37, 65, 33, "ghost"), (7, 37, 65, 33, "materialize"), (7, 1, 513, 10, "materialize")]
+    cases = []
+    for b, cin, cout, hw, ker, st, pad, dil, g, k, layout in convs:
+        def build(b=b, cin=cin, cout=cout, hw=hw, ker=ker, st=st, pad=pad, dil=dil, g=g, k=k):
+            ho = _out_hw(hw, ker, st, pad, dil)
+            args = [torch.randn(b, cin, *hw), torch.randn(k, cout, cin // g, *ker), torch.randn(b, cout, *ho),
+                    list(st), list(pad), list(dil), g]
+            return args, (cin // g) * ker[0] * ker[1] * cout * ho[0] * ho[1]
+        label = f"B={b} {cin}->{cout} {hw[0]}x{hw[1]} k{ker[0]} s{st[0]} p{pad[0]} d{dil[0]} g{g} K={k} {layout}"
+        cases.append(dict(op="conv_dot", label=label, build=build, layout=layout))
+    for b, t, d, p, k, layout in linears:
+        def build(b=b, t=t, d=d, p=p, k=k):
+            return [torch.randn(b, t, d), torch.randn(k, p, d), torch.randn(b, t, p)], t * d * p
+        cases.append(dict(op="linear_dot", label=f"B={b} T={t} d={d} p={p} K={k} {layout}", build=build, layout=layout))
+    for b, c, p, k in affines:
+        def build(b=b, c=c, p=p, k=k):
+            return [torch.randn(b, c, p), torch.randn(k, c), torch.randn(b, c, p), torch.randn(k, c)], 2 * c * p
+        cases.append(dict(op="affine_dot", label=f"B={b} C={c} P={p} K={k} bias+weight", build=build,
+                          layout="contiguous"))
+    for b, t, d, p, method in norms:
+        def build(b=b, t=t, d=d, p=p, method=method):
+            return [torch.randn(b, t, d), torch.randn(b, t, p), method], t * t * (d + p) + t * d * p
+        cases.append(dict(op="linear_grad_norm_sq", label=f"B={b} T={t} d={d} p={p} {method}", build=build,
+                          layout="contiguous"))
+    return cases
+
+
+def _place(t, dtype, device, layout):
+    if not isinstance(t, torch.Tensor):
+        return t
+    t = t.to(dtype).to(device)
+    if layout == "channels_last" and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # the same values, every other element of a wider buffer
+        buf = torch.zeros(*t.shape, 2, dtype=t.dtype, device=t.device)
+        buf[..., 0].copy_(t)
+        return buf[..., 0]
+    return t
+
+
+def check_layers(rep: Report, seed: int) -> None:
+    plan = rep.plan
+    print(f"\n## correctness: layer ops on {plan.device}", flush=True)
+    backends = {}
+    for impl in plan.layer_dtypes:
+        try:
+            backends[impl] = _dispatch.layer_ops(impl, plan.device)
+        except Exception as exc:  # noqa: BLE001
+            rep.check(dict(section="layer", name=f"layer ops {impl}: backend", impl=impl, status=ERROR,
+                           error=_err_text(exc)))
+    for i, case in enumerate(layer_cases(plan.mode == "cpu-smoke")):
+        torch.manual_seed(seed + i)
+        args64, n_terms = case["build"]()
+        args64 = [a * 0.5 if isinstance(a, torch.Tensor) else a for a in args64]
+        spec_op = getattr(reference, case["op"])
+        for impl, ops in backends.items():
+            for dtype in plan.layer_dtypes[impl]:
+                name = f"layer {case['op']} {impl} {DTYPE_NAMES[dtype]} [{case['label']}]"
+                base = dict(section="layer", name=name, impl=impl, op=case["op"], dtype=DTYPE_NAMES[dtype],
+                            shape=case["label"])
+                try:
+                    args = [_place(a, dtype, plan.device, case["layout"]) for a in args64]
+                    fast = getattr(ops, case["op"])(*args)
+                    _sync(plan.device)
+                    rep.check(_layer_judge(fast, spec_op, args, n_terms, dtype, plan.device, base))
+                except Exception as exc:  # noqa: BLE001
+                    rep.check(dict(base, status=ERROR, error=_err_text(exc)))
+
+
+def _layer_judge(fast, op, args, n_terms, dtype, device, base) -> dict:
+    """The budget of tests/test_triton_kernels.py (see the module docstring)."""
+    cpu = [a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    as64 = [a.double() if isinstance(a, torch.Tensor) else a for a in cpu]
+    ref64 = op(*as64)
+    mag = float(op(*[a.abs() if isinstance(a, torch.Tensor) else a for a in as64]).abs().max())
+    want = torch.float32 if dtype in HALF else dtype
+    if fast.dtype != want or tuple(fast.shape) != tuple(ref64.shape):
+        return dict(base, status=FAIL, error=f"got {fast.dtype} {tuple(fast.shape)}, want {want} {tuple(ref64.shape)}")
+    err = float((fast.detach().double().cpu() - ref64).abs().max())
+    if dtype == torch.float64:
+        n = n_terms + 2
+        allowed, plain_err = n * U64 / (1 - n * U64) * mag, None
+    else:
+        plain = op(*[a.to(torch.float32) if isinstance(a, torch.Tensor) else a for a in args])  # on the device
+        plain_err = float((plain.double().cpu() - ref64).abs().max())
+        allowed = 2 * plain_err + 4 * U32 * mag
+    return dict(base, err=err, plain_err=plain_err, scale=mag, allowed=allowed,
+                status=PASS if err <= allowed else FAIL)
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+def _time(rep: Report, section: str, name: str, fn: Optional[Callable], unavailable: Optional[str] = None,
+          **extra) -> dict:
+    """Warm-up call (Triton compiles here; an exception is recorded), then harness.time_call; one entry."""
+    dev = rep.plan.device
+    entry = dict(section=section, name=name, **extra)
+    rep.timings.append(entry)
+    if unavailable is not None:
+        entry.update(status=f"unavailable: {unavailable}")
+    elif rep.over_budget():
+        entry.update(status="skipped: time budget")
+    else:
+        try:
+            fn()
+            _sync(dev)
+            t = harness.time_call(fn, dev, warmup=0, repeats=2 if dev.type == "cpu" else 5)
+            entry.update(status="ok", ms=t["median_ms"], times_ms=t["times_ms"], timer=t["timer"])
+        except Exception as exc:  # noqa: BLE001 - timings never fail the script
+            entry.update(status="error", error=_err_text(exc))
+    ms = entry.get("ms")
+    print(f"  {name:62s} {'%.3f ms' % ms if ms is not None else entry['status'][:100]}", flush=True)
+    return entry
+
+
+def _memory(rep: Report, entry: dict, fn: Callable) -> None:
+    """Peak memory of one more call (harness.measure_peak), after all timings of the section."""
+    if entry.get("status") != "ok":
+        return
+    if rep.over_budget():
+        entry["memory_status"] = "skipped: time budget"
+        return
+    try:
+        entry["peak_bytes"] = harness.measure_peak(fn, rep.plan.device)["peak_bytes"]
+    except Exception as exc:  # noqa: BLE001
+        entry["memory_status"] = f"error: {_err_text(exc)}"
+
+
+def time_conv_micro(rep: Report, tf32_pass: bool) -> None:
+    plan, dev = rep.plan, rep.plan.device
+    c, b, hw = plan.conv_micro["c"], plan.conv_micro["b"], plan.conv_micro["hw"]
+    shape = f"B={b} {c}->{c} {hw}x{hw} 3x3 pad 1 K=1 float32"
+    print(f"\n## timing: fused conv-dot vs {'cuDNN' if dev.type == 'cuda' else 'torch'} ({shape})"
+          + (" - TF32 on for cuDNN" if tf32_pass else ""), flush=True)
+    torch.manual_seed(0)
+    x = torch.randn(b, c, hw, hw, device=dev)
+    v = torch.randn(1, c, c, 3, 3, device=dev)
+    delta = torch.randn(b, c, hw, hw, device=dev)
+    conv = "cudnn" if dev.type == "cuda" else "torch"
+    tf = " (TF32 on)" if tf32_pass else ""
+    rows = {}
+    if not tf32_pass:
+        reasons = impl_reasons(dev)
+        compiled = "cuda" if dev.type == "cuda" else "cpu"
+        kern = None
+        if reasons["triton"] is None:
+            from iwd_fast import kernels as kern
+        rows["triton"] = _time(rep, "conv_micro", "triton fused conv-dot (iwd_fast.kernels.conv2d_dot)",
+                               lambda: kern.conv2d_dot(x, v, delta, 1, 1, 1, 1), reasons["triton"], shape=shape,
+                               tf32=False)
+        rows["compiled"] = _time(rep, "conv_micro", f"{compiled} fused conv-dot (torch.ops.iwd_fast.conv2d_dot)",
+                                 lambda: _ops.conv_dot(x, v, delta, 1, 1, 1, 1), reasons[compiled], shape=shape,
+                                 tf32=False)
+    set_tf32(tf32_pass)
+    try:
+        rows["alone"] = _time(rep, "conv_micro", f"{conv} conv2d(x, V) alone{tf}",
+                              lambda: F.conv2d(x, v[0], None, 1, 1), shape=shape, tf32=tf32_pass)
+        rows["unfused"] = _time(rep, "conv_micro", f"{conv} conv2d + mul + sum, unfused (reference.conv_dot){tf}",
+                                lambda: reference.conv_dot(x, v, delta, (1, 1), (1, 1), (1, 1), 1), shape=shape,
+                                tf32=tf32_pass)
+    finally:
+        set_tf32(False)
+    if tf32_pass:
+        return
+    ms = {k: r.get("ms") for k, r in rows.items()}
+    ratio = lambda a, b: None if ms.get(a) is None or ms.get(b) is None else ms[a] / ms[b]  # noqa: E731
+    rep.target("conv-dot: triton fused / conv2d alone", ratio("triton", "alone"), 1.15, "<=", section="conv_micro")
+    rep.target("conv-dot: unfused / triton fused", ratio("unfused", "triton"), 1.5, ">=", section="conv_micro")
+    compiled = "cuda" if dev.type == "cuda" else "cpu"
+    rep.target(f"conv-dot: {compiled} fused / conv2d alone", ratio("compiled", "alone"), section="conv_micro")
+    rep.target(f"conv-dot: unfused / {compiled} fused", ratio("unfused", "compiled"), section="conv_micro")
+
+
+def time_model(rep: Report, key: str, spec: dict, quick: bool) -> None:
+    import grad_dot_paths as gp  # the paths of bench_grad_dot.py: plain, capture+X, grad_dot X, anchors
+
+    plan, dev = rep.plan, rep.plan.device
+    family = "convnet" if spec["net"] == "convnet" else "resnet18"
+    mspec = gp.ModelSpec(key, spec["net"], family, 3, spec["im"], spec["batch"], spec["width"],
+                         3 if family == "convnet" else 0, spec["norm"], repeats=2)
+    print(f"\n## timing: {key} (B={spec['batch']}, width {spec['width']}, float32, K={plan.k}, TF32 off)", flush=True)
+    inp = gp.make_inputs(mspec, plan.k, 0, dev)
+    paths = [p for p in gp.build_paths(inp, gp.impl_reasons(dev), anchors=True)
+             if not (quick and p.kind == "capture_norm")]
+    rows = {p.name: _time(rep, "model", p.name, p.fn, None if p.status == "ok" else (p.reason or p.status),
+                          model=key, batch=spec["batch"], kind=p.kind, impl=p.impl, tf32=False) for p in paths}
+    for p in paths:  # after all timing (harness.measure_peak); CUDA: torch.cuda.max_memory_allocated
+        _memory(rep, rows[p.name], p.fn)
+    base, vmap = rows.get("plain fwd+bwd", {}), rows.get("grad_dot reference", {})
+    for r in rows.values():
+        if r.get("ms") is not None and base.get("ms"):
+            r["ratio_to_plain"] = r["ms"] / base["ms"]
+        if r.get("peak_bytes") and base.get("peak_bytes"):
+            r["mem_ratio_to_plain"] = r["peak_bytes"] / base["peak_bytes"]
+        if r.get("ms") and vmap.get("ms"):
+            r["speedup_vs_vmap_grad"] = vmap["ms"] / r["ms"]
+    for impl in plan.hook_impls:
+        r = rows.get(f"capture+{impl}", {})
+        rep.target(f"{key}: capture+{impl} time / plain fwd+bwd", r.get("ratio_to_plain"), 1.4, "<=",
+                   section="model", model=key)
+        rep.target(f"{key}: capture+{impl} peak memory / plain fwd+bwd", r.get("mem_ratio_to_plain"), 1.2, "<=",
+                   section="model", model=key)
+        rep.target(f"{key}: capture+{impl} speedup vs vmap(grad)", r.get("speedup_vs_vmap_grad"),
+                   section="model", model=key)
+    if not quick and dev.type == "cuda":
+        set_tf32(True)
+        try:
+            plain = rows["plain fwd+bwd"]
+            r = _time(rep, "model", "plain fwd+bwd (TF32 on)", next(p.fn for p in paths if p.name == "plain fwd+bwd"),
+                      model=key, batch=spec["batch"],
+                      kind="baseline", impl=None, tf32=True)
+            if r.get("ms") and plain.get("ms"):
+                r["ratio_to_plain"] = r["ms"] / plain["ms"]
+        finally:
+            set_tf32(False)
+    del inp, paths
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------ output
+
+def _fmt(x, spec=".3g"):
+    return "" if x is None else format(x, spec)
+
+
+def print_tables(rep: Report) -> None:
+    print("\n## correctness\n")
+    rows = [(c["name"], c["status"], _fmt(c.get("err"), ".2e"), _fmt(c.get("allowed"), ".2e"),
+             _fmt(c.get("plain_err"), ".2e"), c.get("excluded_samples", ""), (c.get("error") or "")[:80])
+            for c in rep.checks]
+    print(harness.markdown_table(["check", "status", "err", "allowed", "plain err", "excluded", "error"], rows))
+    if rep.timings:
+        print("\n## timings\n")
+        rows = [(t.get("model", t["section"]), t["name"], _fmt(t.get("ms"), ".3f"), _fmt(t.get("ratio_to_plain"), ".2f"),
+                 _fmt(t.get("peak_bytes") / harness.MB if t.get("peak_bytes") else None, ".1f"),
+                 _fmt(t.get("mem_ratio_to_plain"), ".2f"), _fmt(t.get("speedup_vs_vmap_grad"), ".2f"),
+                 t["status"][:60]) for t in rep.timings]
+        print(harness.markdown_table(["model", "path", "ms", "x plain", "peak MB", "mem x plain", "x faster than vmap",
+                                      "status"], rows))
+    if rep.targets:
+        print("\n## targets\n")
+        rows = [(t["name"], _fmt(t["value"], ".3f"), f"{t['op']} {t['threshold']}", t["status"]) for t in rep.targets]
+        print(harness.markdown_table(["target", "value", "threshold", "status"], rows))
+
+
+def environment(plan: Plan, kernels_note: Optional[str]) -> dict:
+    from iwd_fast import _ext
+
+    env = harness.environment(plan.device)
+    env["mode"] = plan.mode
+    env["availability"] = {str(d): {k: ("ok" if w is None else w) for k, w in impl_reasons(d).items()}
+                           for d in {plan.device, torch.device("cpu")}}
+    env["extension"] = {k: list(v) for k, v in _ext.status().items()}
+    env["kernels_module"] = kernels_note or "installed"
+    env["triton_interpret"] = os.environ.get("TRITON_INTERPRET")
+    env["build_seconds"] = os.environ.get("GPU_CHECK_BUILD_S")
+    env["reference_device"] = str(plan.ref_device)
+    if plan.device.type == "cuda":
+        props = torch.cuda.get_device_properties(plan.device)
+        env["cuda_capability"] = f"{props.major}.{props.minor}"
+        env["cuda_memory_gib"] = round(props.total_memory / 2 ** 30, 1)
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="See the module docstring (head benchmarks/gpu_check.py) for what is checked.")
+    ap.add_argument("--out", default=str(harness.RESULTS_DIR / "gpu_check.json"), help="JSON file to write")
+    ap.add_argument("--quick", action="store_true", help="smaller ResNet-18 check, fewer timings")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny shapes on CPU (impls torch, cpu, and triton if TRITON_INTERPRET=1): proves the plumbing")
+    ap.add_argument("--time-budget", type=float, default=420.0,
+                    help="seconds after which remaining timings are skipped (correctness always runs); default 420")
+    ap.add_argument("--ref-device", default=None,
+                    help="device of the float64 reference (default: the checked device; 'cpu' is much slower)")
+    ap.add_argument("--k", type=int, default=1, help="directions at model level (default 1)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device visible to torch; use --cpu-smoke on a CPU machine", file=sys.stderr)
+        return 2
+    kernels_note = _ensure_kernels_module()
+    set_tf32(False)
+    plan = make_plan(args)
+    rep = Report(plan, args.time_budget)
+    env = environment(plan, kernels_note)
+    print(f"# iwd_fast gpu_check ({plan.mode}) on {env['device_name']}: torch {env['torch']}, triton {env['triton']}, "
+          f"hook impls {plan.hook_impls}", flush=True)
+    for impl, why in env["availability"][str(plan.device)].items():
+        print(f"  {impl:10s} {why}")
+
+    if plan.mode == "gpu":  # the point of the run: both GPU kernel backends must be there
+        for impl in ("cuda", "triton"):
+            why = env["availability"]["cuda"][impl]
+            rep.check(dict(section="availability", name=f"backend {impl} usable on cuda", impl=impl,
+                           status=PASS if why == "ok" else FAIL, error=None if why == "ok" else why))
+
+    torch.backends.cudnn.deterministic = True
+    for key, spec in plan.models.items():
+        try:
+            check_model(rep, key, spec, args.seed)
+        except Exception as exc:  # noqa: BLE001
+            rep.check(dict(section="model", name=f"{key} (setup)", status=ERROR, error=_err_text(exc)))
+    try:
+        check_layers(rep, args.seed)
+    except Exception as exc:  # noqa: BLE001
+        rep.check(dict(section="layer", name="layer ops (setup)", status=ERROR, error=_err_text(exc)))
+    torch.backends.cudnn.deterministic = False
+    correctness_s = rep.elapsed()
+
+    sections = [("conv micro", lambda: time_conv_micro(rep, False))]
+    sections += [(f"model {k}", lambda k=k, s=s: time_model(rep, k, s, args.quick)) for k, s in plan.timing_models.items()]
+    if not args.quick and plan.device.type == "cuda":
+        sections.append(("conv micro TF32", lambda: time_conv_micro(rep, True)))
+    for label, run in sections:
+        if rep.over_budget():
+            rep.timings.append(dict(section=label, name=label, status="skipped: time budget"))
+            print(f"\n## timing: {label}: skipped (time budget)", flush=True)
+            continue
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001
+            rep.timings.append(dict(section=label, name=label, status="error", error=_err_text(exc)))
+            print(f"  {label}: ERROR {_err_text(exc)[:300]}", flush=True)
+
+    failed = [c for c in rep.checks if c["status"] != PASS]
+    summary = dict(correctness=PASS if not failed and rep.checks else FAIL, checks=len(rep.checks), failed=len(failed),
+                   failed_names=[c["name"] for c in failed], correctness_s=round(correctness_s, 1),
+                   elapsed_s=round(rep.elapsed(), 1), time_budget_s=args.time_budget,
+                   impls_checked=sorted({c["impl"] for c in rep.checks if c.get("impl")}),
+                   targets_missed=[t["name"] for t in rep.targets if t["status"] == "MISS"])
+    result = dict(schema="iwd_fast.gpu_check/1", summary=summary, environment=env, checks=rep.checks,
+                  timings=rep.timings, targets=rep.targets, models=rep.models)
+    print_tables(rep)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, sort_keys=False, default=str) + "\n")
+    print(f"\n# correctness {summary['correctness']}: {summary['checks'] - summary['failed']}/{summary['checks']} "
+          f"checks pass; correctness {summary['correctness_s']} s, total {summary['elapsed_s']} s; wrote {out}")
+    return 0 if summary["correctness"] == PASS else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
