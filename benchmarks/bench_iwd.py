@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import append_jsonl, environment, markdown_table, results_path  # noqa: E402
 
-from iwd_fast.config import DistillConfig, EvalSpec, IWDSpec, NetSpec  # noqa: E402
+from iwd_fast.config import DistillConfig, EvalSpec, NetSpec  # noqa: E402
 from iwd_fast.data import DatasetSplits, load_dataset, stratified_subset  # noqa: E402
 from iwd_fast.distill import run_distillation  # noqa: E402
 from iwd_fast.presets import preset_config  # noqa: E402
@@ -49,10 +50,16 @@ VARIANTS: Dict[str, tuple] = {
 def config_for(args, variant: str, seed: int) -> DistillConfig:
     cfg = preset_config(args.preset, args.method, args.dataset, args.ipc)
     weighting, changes = VARIANTS[variant]
-    iwd = dataclasses.replace(cfg.iwd, init="random", **changes)
+    iwd = dataclasses.replace(cfg.iwd, **{"init": "random", **changes})
     cfg = cfg.replace(weighting=weighting, iwd=iwd, noise=args.noise, seed=seed)
     if args.iterations:
         cfg = cfg.replace(iterations=args.iterations)
+    if args.width:
+        cfg = cfg.replace(net=dataclasses.replace(cfg.net, width=args.width))
+    if args.loops:
+        cfg = cfg.replace(outer_loop=args.loops[0], inner_loop=args.loops[1])
+    if args.batch_real:
+        cfg = cfg.replace(batch_real=args.batch_real)
     if args.quick:
         cfg = cfg.replace(net=NetSpec(width=8), batch_real=16, eval=EvalSpec(num_nets=1, epochs=5))
     return cfg
@@ -67,12 +74,26 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--iterations", type=int, default=0, help="override the preset's iterations")
+    p.add_argument("--width", type=int, default=0, help="override the network width")
+    p.add_argument("--loops", type=int, nargs=2, default=None, metavar=("OUTER", "INNER"), help="override loops")
+    p.add_argument("--batch-real", type=int, default=0, help="override real images per class per step")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--train-per-class", type=int, default=0,
                    help="class-stratified subset of the training set (0: all); the test set keeps 2000 images")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--summarize", default=None, help="only print the table of an existing JSON-lines file")
     p.add_argument("--quick", action="store_true", help="tiny round on digits (proves the script works)")
     p.add_argument("--out", default=None, help="JSON lines file (default benchmarks/results/iwd_<method>.jsonl)")
     args = p.parse_args()
+    if args.summarize:
+        records = [json.loads(line) for line in Path(args.summarize).read_text().splitlines() if line.strip()]
+        args.method, args.dataset, args.noise = records[0]["method"], records[0]["dataset"], records[0]["noise"]
+        args.ipc, args.seeds = records[0]["ipc"], sorted({r["seed"] for r in records})
+        args.variants = [v for v in VARIANTS if any(r["variant"] == v for r in records)]
+        print(summarize(records, args))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.dataset, args.preset, args.seeds, args.iterations = "digits", "smoke", [0], 2
         args.variants = ["uniform", "explicit-consistent", "validation"]
@@ -118,6 +139,7 @@ def _fmt(values, pct=False, digits=3):
 
 
 def summarize(records: List[dict], args) -> str:
+    budgets = sorted({r["budget"] for r in records})
     base_loop = {r["seed"]: r["loop_seconds"] for r in records if r["variant"] == "uniform"}
     base_acc = {r["seed"]: r["acc"] for r in records if r["variant"] == "uniform"}
     rows = []
@@ -132,7 +154,7 @@ def summarize(records: List[dict], args) -> str:
                      _fmt([r["scoring_seconds"] / r["loop_seconds"] for r in rs if r["loop_seconds"]], pct=True),
                      _fmt(overhead, pct=True)])
     head = (f"{args.method.upper()} on {args.dataset}, IPC {args.ipc}, {args.noise:.0%} symmetric noise, seeds "
-            f"{args.seeds}; budget: {records[0]['budget']} (reduced CPU budget, not the field's protocol)\n"
+            f"{args.seeds}; budget: {'; '.join(budgets)} (reduced CPU budget, not the field's protocol)\n"
             "mean ± std over seeds; gain = paired difference to uniform with the same seed\n")
     return head + markdown_table(["variant", "test acc %", "gain vs uniform (pp)", "weight on flipped",
                                   "AUROC flipped (loop)", "flipped share of init", "scoring % of loop",

@@ -135,7 +135,8 @@ class Plan:
     timing_models: Dict[str, dict]
     conv_micro: dict                # B, C, HW for the conv-dot micro-benchmark
     layer_dtypes: Dict[str, tuple]  # backend -> dtypes
-    hook_impls: List[str]
+    hook_impls: List[str]           # usable hook impls on the device
+    skip: Dict[str, Dict[str, str]]  # "<model>:capture" / "<model>:functional" / "timing" -> {impl: why not run}
     k: int
 
 
@@ -143,10 +144,20 @@ def make_plan(args) -> Plan:
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke else "cuda")
     ref_device = torch.device(args.ref_device) if args.ref_device else device
+    skip: Dict[str, Dict[str, str]] = {}
     if smoke:
-        models = {"convnet3": dict(net="convnet", width=8, norm="instancenorm", batch=4, im=8),
-                  "resnet18": dict(net="resnet18", width=8, norm="groupnorm", batch=4, im=8)}
-        timing = {"convnet3": dict(models["convnet3"]), "resnet18": dict(models["resnet18"])}
+        # 16x16, not 8x8: at 8x8 ConvNet-3's last InstanceNorm sees 2x2 values and ResNet-18's last GroupNorm
+        # 2 values per group, so any two float32 computations differ by O(1) relative (measured): no oracle
+        # check means anything there. ResNet-18 at B=2: its vmap(grad) oracle dominates the smoke's time.
+        models = {"convnet3": dict(net="convnet", width=8, norm="instancenorm", batch=4, im=16),
+                  "resnet18": dict(net="resnet18", width=8, norm="groupnorm", batch=2, im=16)}
+        timing = {"convnet3": dict(models["convnet3"])}  # the ResNet-18 timing runs the same code
+        slow = "skipped in --cpu-smoke: the Triton interpreter takes about a minute per call of this model"
+        skip = {"resnet18:capture": {"triton": slow}, "resnet18:functional": {"triton": slow},
+                "convnet3:functional": {"triton": "skipped in --cpu-smoke: the same kernel calls as the capture "
+                                                  "path, and the Triton interpreter is slow"},
+                "timing": {"triton": "skipped in --cpu-smoke: the Triton interpreter (timed in the conv micro-"
+                                     "benchmark only)"}}
         micro = dict(b=4, c=8, hw=8)
         dtypes = {"cpu": (torch.float32, torch.float64), "triton": (torch.float32, torch.float16, torch.bfloat16)}
     else:
@@ -161,7 +172,8 @@ def make_plan(args) -> Plan:
                   "triton": (torch.float32, torch.float16, torch.bfloat16)}
     reasons = impl_reasons(device)
     hooks = [i for i in _dispatch.HOOK_IMPLS if reasons[i] is None]
-    return Plan("cpu-smoke" if smoke else "gpu", device, ref_device, models, timing, micro, dtypes, hooks, args.k)
+    return Plan("cpu-smoke" if smoke else "gpu", device, ref_device, models, timing, micro, dtypes, hooks, skip,
+                args.k)
 
 
 def impl_reasons(device: torch.device) -> Dict[str, Optional[str]]:
@@ -192,6 +204,9 @@ class Report:
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
+    def header(self, text: str) -> None:
+        print(f"\n## {text}   [t = {self.elapsed():.1f} s]", flush=True)
+
     def over_budget(self) -> bool:
         return time.monotonic() > self.deadline
 
@@ -220,33 +235,77 @@ class Report:
 # ------------------------------------------------------------------------------------------ model correctness
 
 class FrozenReLU(nn.Module):
-    """ReLU with a fixed sign pattern: z * mask. ``mask`` [1 or B, *shape] is set before each call."""
+    """ReLU with a fixed sign pattern: z * mask (``mask`` is set by FrozenTwin before each call)."""
 
     def __init__(self):
         super().__init__()
         self.mask: Optional[torch.Tensor] = None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.mask.to(z.dtype)
+        return z * self.mask
 
 
 def relu_names(net: nn.Module) -> Dict[nn.Module, str]:
     return {m: n for n, m in net.named_modules() if isinstance(m, nn.ReLU)}
 
 
-def frozen_twin(net: nn.Module) -> tuple:
-    """A copy of ``net`` whose ReLUs are FrozenReLU modules: (twin, {relu name: FrozenReLU})."""
-    twin = copy.deepcopy(net)
-    slots = {}
-    for parent_name, parent in list(twin.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, nn.ReLU):
-                if child.inplace:
-                    raise ValueError("frozen_twin: in-place ReLU")
-                frozen = FrozenReLU()
-                setattr(parent, child_name, frozen)
-                slots[f"{parent_name}.{child_name}" if parent_name else child_name] = frozen
-    return twin, slots
+class FrozenTwin(nn.Module):
+    """A copy of ``net`` whose ReLUs multiply by a given sign pattern, which travels with the input.
+
+    ``forward(packed)``: packed [N, numel(image) + sum of numel(mask)] = [image | pattern of each ReLU],
+    flattened per sample (``pack``). So torch.func vmap in impl="reference" maps over images and
+    patterns together, and every sample runs the piecewise-linear branch its pattern names.
+    Parameter names are those of ``net`` prefixed with "net.".
+    """
+
+    def __init__(self, net: nn.Module, image_shape, mask_shapes: Dict[str, torch.Size]):
+        super().__init__()
+        self.net = copy.deepcopy(net)
+        self.image_shape = tuple(image_shape)
+        self.slots: Dict[str, FrozenReLU] = {}
+        for parent_name, parent in list(self.net.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, nn.ReLU):
+                    name = f"{parent_name}.{child_name}" if parent_name else child_name
+                    self.slots[name] = FrozenReLU()
+                    setattr(parent, child_name, self.slots[name])
+        missing = sorted(set(self.slots) ^ set(mask_shapes))
+        if missing:
+            raise RuntimeError(f"FrozenTwin: sign patterns and ReLUs disagree on {missing}")
+        self.mask_shapes = [(n, tuple(mask_shapes[n])) for n in sorted(self.slots)]
+
+    def pack(self, x: torch.Tensor, masks: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([x.flatten(1)] + [masks[n].flatten(1).to(x.dtype) for n, _ in self.mask_shapes], dim=1)
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        n, off = packed.shape[0], _numel(self.image_shape)
+        x = packed[:, :off].reshape(n, *self.image_shape)
+        for name, shape in self.mask_shapes:
+            self.slots[name].mask = packed[:, off:off + _numel(shape)].reshape(n, *shape)
+            off += _numel(shape)
+        try:
+            return self.net(x)
+        finally:
+            for slot in self.slots.values():
+                slot.mask = None
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def frozen_reference(net: nn.Module, masks: Dict[str, torch.Tensor], x, y, v, device, dtype) -> tuple:
+    """(grad_dot [B] or [B, K], grad_norm_sq [B]) by impl="reference" (torch.func vmap(grad), the package's
+    oracle) on the FrozenTwin of ``net`` with the sign patterns ``masks``, in ``dtype`` on ``device``."""
+    twin = FrozenTwin(net, x.shape[1:], {n: m.shape[1:] for n, m in masks.items()}).to(device=device, dtype=dtype)
+    packed = twin.pack(x.to(device=device, dtype=dtype), {n: m.to(device) for n, m in masks.items()})
+    y = y.to(device)
+    v = {f"net.{n}": t.to(device=device, dtype=dtype) for n, t in v.items()}
+    return (iwd_fast.grad_dot(twin, packed, y, v, impl="reference"),
+            iwd_fast.grad_norm_sq(twin, packed, y, impl="reference"))
 
 
 class SignWatch:
@@ -285,27 +344,6 @@ class SignWatch:
         self.bad = diff if self.bad is None else self.bad | diff
 
 
-def frozen_reference(net: nn.Module, masks: Dict[str, torch.Tensor], x, y, v, device, dtype) -> tuple:
-    """([B, K] or [B] grad_dot, [B] grad_norm_sq) of impl="reference" on the frozen-mask twin of ``net``,
-    one sample at a time (each sample needs its own mask), in ``dtype`` on ``device``."""
-    twin, slots = frozen_twin(net)
-    twin = twin.to(device=device, dtype=dtype)
-    x = x.to(device=device, dtype=dtype)
-    y = y.to(device)
-    v = {n: t.to(device=device, dtype=dtype) for n, t in v.items()}
-    masks = {n: m.to(device) for n, m in masks.items()}
-    missing = sorted(set(slots) - set(masks))
-    if missing:
-        raise RuntimeError(f"no sign pattern recorded for ReLUs {missing}")
-    dots, norms = [], []
-    for i in range(x.shape[0]):
-        for name, slot in slots.items():
-            slot.mask = masks[name][i:i + 1]
-        dots.append(iwd_fast.grad_dot(twin, x[i:i + 1], y[i:i + 1], v, impl="reference"))
-        norms.append(iwd_fast.grad_norm_sq(twin, x[i:i + 1], y[i:i + 1], impl="reference"))
-    return torch.cat(dots), torch.cat(norms)
-
-
 def _judge(name: str, out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, excluded: torch.Tensor,
            want_dtype: torch.dtype, **extra) -> dict:
     b = ref64.shape[0]
@@ -334,8 +372,7 @@ def _judge(name: str, out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tenso
 def check_model(rep: Report, key: str, spec: dict, seed: int) -> None:
     plan = rep.plan
     dev, b, k = plan.device, spec["batch"], plan.k
-    print(f"\n## correctness: {key} (B={b}, width {spec['width']}, {spec['im']}x{spec['im']}x3, K={k}) on {dev}",
-          flush=True)
+    rep.header(f"correctness: {key} (B={b}, width {spec['width']}, {spec['im']}x{spec['im']}x3, K={k}) on {dev}")
     torch.manual_seed(seed)
     net = build_network(spec["net"], 3, 10, spec["im"], width=spec["width"], norm=spec["norm"])  # float32, CPU
     x = torch.randn(b, 3, spec["im"], spec["im"])
@@ -361,15 +398,23 @@ def check_model(rep: Report, key: str, spec: dict, seed: int) -> None:
         kinks += (frozen[n].cpu() != f64.masks[n]).reshape(b, -1).sum(dim=1)
     ref_dot, ref_norm = frozen_reference(net, frozen, x, y, v, plan.ref_device, torch.float64)
     plain_dot, plain_norm = frozen_reference(net, frozen, x, y, v, dev, torch.float32)
-    plain_unfrozen = iwd_fast.grad_dot(netd, xd, yd, vd, impl="reference")
-    unfrozen_err = float((plain_unfrozen.double().cpu() - ref_dot.cpu()).abs().max())
-    rep.models[key] = dict(spec, k=k, relu_units_flipped_fp32_vs_fp64=kinks.tolist(),
+    unfrozen_err = None  # information: the float32 reference without frozen signs (kink flips included)
+    if plan.mode == "gpu":
+        unfrozen = iwd_fast.grad_dot(netd, xd, yd, vd, impl="reference")
+        unfrozen_err = float((unfrozen.double().cpu() - ref_dot.cpu()).abs().max())
+    impls = [i for i in plan.hook_impls if i not in plan.skip.get(f"{key}:capture", {})]
+    functional = [i for i in plan.hook_impls if i not in plan.skip.get(f"{key}:functional", {})]
+    rep.models[key] = dict(spec, k=k, capture_impls=impls, functional_impls=functional,
+                           skipped={p: plan.skip[f"{key}:{p}"] for p in ("capture", "functional")
+                                    if f"{key}:{p}" in plan.skip},
+                           relu_units_flipped_fp32_vs_fp64=kinks.tolist(),
                            relu_sign_pattern="frozen from the float32 batched forward on the checked device",
                            reference_device=str(plan.ref_device), references_s=round(time.monotonic() - t0, 2),
                            plain_err_unfrozen=unfrozen_err)
     info = dict(model=key)
     print(f"  references in {rep.models[key]['references_s']} s; ReLU units whose float32 sign differs from float64, "
-          f"per sample: {kinks.tolist()} (frozen); unfrozen float32 reference err {unfrozen_err:.3e}", flush=True)
+          f"per sample: {kinks.tolist()} (frozen); unfrozen float32 reference err {_fmt(unfrozen_err, '.3e')}",
+          flush=True)
     ref_dot, ref_norm = ref_dot.cpu(), ref_norm.cpu()
 
     def run(name: str, quantity: str, impl: str, fn: Callable[[], torch.Tensor], path: str) -> None:
@@ -403,7 +448,7 @@ def check_model(rep: Report, key: str, spec: dict, seed: int) -> None:
         rep.check(dict(section="model", name=f"{key} capture forward+backward", impl=None, path="capture",
                        status=ERROR, error=_err_text(exc), **info))
         cap = None
-    for impl in plan.hook_impls:
+    for impl in impls:
         if cap is None:
             break
         for quantity, query in (("grad_dot", lambda i=impl: cap.grad_dot(vd, impl=i)),
@@ -419,7 +464,7 @@ def check_model(rep: Report, key: str, spec: dict, seed: int) -> None:
             ref, plain = (ref_dot, plain_dot) if quantity == "grad_dot" else (ref_norm, plain_norm)
             rep.check(_judge(name, out, ref, plain, cap_excluded, torch.float32, section="model", impl=impl,
                              path="capture", quantity=quantity, **info))
-    for impl in plan.hook_impls:
+    for impl in functional:
         run(f"{key} functional grad_dot {impl}", "grad_dot", impl,
             lambda i=impl: iwd_fast.grad_dot(netd, xd, yd, vd, impl=i), "functional")
         run(f"{key} functional grad_norm_sq {impl}", "grad_norm_sq", impl,
@@ -491,7 +536,7 @@ def _place(t, dtype, device, layout):
 
 def check_layers(rep: Report, seed: int) -> None:
     plan = rep.plan
-    print(f"\n## correctness: layer ops on {plan.device}", flush=True)
+    rep.header(f"correctness: layer ops on {plan.device}")
     backends = {}
     for impl in plan.layer_dtypes:
         try:
@@ -555,7 +600,7 @@ def _time(rep: Report, section: str, name: str, fn: Optional[Callable], unavaila
         try:
             fn()
             _sync(dev)
-            t = harness.time_call(fn, dev, warmup=0, repeats=2 if dev.type == "cpu" else 5)
+            t = harness.time_call(fn, dev, warmup=0, repeats=1 if rep.plan.mode == "cpu-smoke" else 5)
             entry.update(status="ok", ms=t["median_ms"], times_ms=t["times_ms"], timer=t["timer"])
         except Exception as exc:  # noqa: BLE001 - timings never fail the script
             entry.update(status="error", error=_err_text(exc))
@@ -581,8 +626,8 @@ def time_conv_micro(rep: Report, tf32_pass: bool) -> None:
     plan, dev = rep.plan, rep.plan.device
     c, b, hw = plan.conv_micro["c"], plan.conv_micro["b"], plan.conv_micro["hw"]
     shape = f"B={b} {c}->{c} {hw}x{hw} 3x3 pad 1 K=1 float32"
-    print(f"\n## timing: fused conv-dot vs {'cuDNN' if dev.type == 'cuda' else 'torch'} ({shape})"
-          + (" - TF32 on for cuDNN" if tf32_pass else ""), flush=True)
+    rep.header(f"timing: fused conv-dot vs {'cuDNN' if dev.type == 'cuda' else 'torch'} ({shape})"
+               + (" - TF32 on for cuDNN" if tf32_pass else ""))
     torch.manual_seed(0)
     x = torch.randn(b, c, hw, hw, device=dev)
     v = torch.randn(1, c, c, 3, 3, device=dev)
@@ -629,10 +674,11 @@ def time_model(rep: Report, key: str, spec: dict, quick: bool) -> None:
     family = "convnet" if spec["net"] == "convnet" else "resnet18"
     mspec = gp.ModelSpec(key, spec["net"], family, 3, spec["im"], spec["batch"], spec["width"],
                          3 if family == "convnet" else 0, spec["norm"], repeats=2)
-    print(f"\n## timing: {key} (B={spec['batch']}, width {spec['width']}, float32, K={plan.k}, TF32 off)", flush=True)
+    rep.header(f"timing: {key} (B={spec['batch']}, width {spec['width']}, float32, K={plan.k}, TF32 off)")
     inp = gp.make_inputs(mspec, plan.k, 0, dev)
-    paths = [p for p in gp.build_paths(inp, gp.impl_reasons(dev), anchors=True)
-             if not (quick and p.kind == "capture_norm")]
+    reasons = dict(gp.impl_reasons(dev))
+    reasons.update({i: why for i, why in plan.skip.get("timing", {}).items() if reasons.get(i) is None})
+    paths = [p for p in gp.build_paths(inp, reasons, anchors=True) if not (quick and p.kind == "capture_norm")]
     rows = {p.name: _time(rep, "model", p.name, p.fn, None if p.status == "ok" else (p.reason or p.status),
                           model=key, batch=spec["batch"], kind=p.kind, impl=p.impl, tf32=False) for p in paths}
     for p in paths:  # after all timing (harness.measure_peak); CUDA: torch.cuda.max_memory_allocated
@@ -645,7 +691,7 @@ def time_model(rep: Report, key: str, spec: dict, quick: bool) -> None:
             r["mem_ratio_to_plain"] = r["peak_bytes"] / base["peak_bytes"]
         if r.get("ms") and vmap.get("ms"):
             r["speedup_vs_vmap_grad"] = vmap["ms"] / r["ms"]
-    for impl in plan.hook_impls:
+    for impl in [i for i in plan.hook_impls if i not in plan.skip.get("timing", {})]:
         r = rows.get(f"capture+{impl}", {})
         rep.target(f"{key}: capture+{impl} time / plain fwd+bwd", r.get("ratio_to_plain"), 1.4, "<=",
                    section="model", model=key)
@@ -764,12 +810,16 @@ def main(argv=None) -> int:
 
     sections = [("conv micro", lambda: time_conv_micro(rep, False))]
     sections += [(f"model {k}", lambda k=k, s=s: time_model(rep, k, s, args.quick)) for k, s in plan.timing_models.items()]
+    for key in plan.models:
+        if key not in plan.timing_models:
+            why = "--quick" if args.quick else "--cpu-smoke (the same code as the other model's timing)"
+            rep.timings.append(dict(section="model", model=key, name=f"model {key}", status=f"skipped: {why}"))
     if not args.quick and plan.device.type == "cuda":
         sections.append(("conv micro TF32", lambda: time_conv_micro(rep, True)))
     for label, run in sections:
         if rep.over_budget():
             rep.timings.append(dict(section=label, name=label, status="skipped: time budget"))
-            print(f"\n## timing: {label}: skipped (time budget)", flush=True)
+            rep.header(f"timing: {label}: skipped (time budget)")
             continue
         try:
             run()

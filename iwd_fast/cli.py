@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 from .presets import list_presets
@@ -62,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", choices=("validation", "self"), default="validation")
     s.add_argument("--noise", type=float, default=0.0)
     s.add_argument("--noise-kind", choices=("symmetric", "pairflip"), default="symmetric")
-    s.add_argument("--epochs", type=int, default=5, help="training epochs of the scoring network")
+    s.add_argument("--epochs", type=int, default=20, help="training epochs of the scoring network")
     s.add_argument("--model", default=None, help="state_dict of a ConvNet to score with instead of training one")
     s.add_argument("--width", type=int, default=32)
     s.add_argument("--temperature", type=float, default=1.0)

@@ -63,17 +63,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "dm": {"iterations": 300, "lr_img": 1.0, "eval": {"dsa": True, "epochs": 500}},
     },
     "demo": {
-        "description": "demo budget (not the field's protocol): about 1-2 min per run on 2 cores on digits (8x8) "
-                       "or a small Fashion-MNIST subset; ConvNet-3 width 32, 20 iterations of 5 x 5 loops, "
-                       "batch_real 64 (DM: 200 iterations); eval 2 nets x 300 epochs without augmentation for "
-                       "every method",
+        "description": "demo budget (not the field's protocol): about a minute per run on 2 cores on a 3000-image "
+                       "Fashion-MNIST subset or digits; ConvNet-3 width 16, 10 iterations of 2 x 2 loops, "
+                       "batch_real 32 (DM: 100 iterations); eval 2 nets x 300 epochs without augmentation",
         "strict_ipc": False,
-        "loops": {1: (1, 1), 10: (5, 5), 50: (5, 1)},
-        "all": {"iterations": 20, "lr_img": 0.1, "lr_net": 0.01, "momentum_img": 0.5, "batch_real": 64,
-                "batch_train_net": 256, "net": {"name": "convnet", "width": 32, "depth": 3, "norm": "instancenorm"},
+        "loops": {1: (1, 1), 10: (2, 2), 50: (2, 1)},
+        "all": {"iterations": 10, "lr_img": 0.1, "lr_net": 0.01, "momentum_img": 0.5, "batch_real": 32,
+                "batch_train_net": 256, "net": {"name": "convnet", "width": 16, "depth": 3, "norm": "instancenorm"},
                 "eval": {"num_nets": 2, "epochs": 300, "batch_size": 256, "dsa": False},
-                "iwd": {"warmup_steps": 20}},
-        "dm": {"iterations": 200, "lr_img": 1.0},
+                "iwd": {"warmup_steps": 40}},
+        "dm": {"iterations": 100, "lr_img": 1.0},
     },
     "smoke": {
         "description": "smoke test (seconds, meaningless accuracy): 2 iterations, outer 1, inner 1, batch_real 16, "

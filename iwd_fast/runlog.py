@@ -12,7 +12,6 @@ Layout of one run folder::
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -20,9 +19,8 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -88,10 +86,6 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"RunFolder: {self.path} exists and is not a folder")
         self.path.mkdir(parents=True, exist_ok=True)
-        self._timings: Dict[str, float] = {}
-        existing = self.path / "timing.json"
-        if existing.is_file():  # a resumed run keeps accumulating its phases
-            self._timings = {k: float(v) for k, v in json.loads(existing.read_text()).items()}
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -189,19 +183,3 @@ class RunFolder:
         if not path.is_file():
             return None
         return torch.load(path, map_location="cpu", weights_only=False)
-
-    @contextlib.contextmanager
-    def timer(self, name: str) -> Iterator[None]:
-        """Add the wall-clock seconds of the ``with`` block to phase ``name`` and rewrite timing.json
-        (also when the block raises)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._timings[name] = self._timings.get(name, 0.0) + time.perf_counter() - start
-            self.save_json("timing.json", self._timings)
-
-    @property
-    def timings(self) -> Dict[str, float]:
-        """Accumulated seconds per phase (a copy)."""
-        return dict(self._timings)

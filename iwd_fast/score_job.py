@@ -21,13 +21,13 @@ from .data import add_label_noise, load_dataset, stratified_split
 from .evaluate import build_eval_network, resolve_device, test_accuracy, train_network
 from .scoring import grad_dot, grad_norm_sq
 from .targets import validation_gradient
-from .weighting import InfluenceWeighter, auroc, sign_for
+from .weighting import InfluenceWeighter, auroc, sign_for, weight_mass_on
 
 __all__ = ["score_dataset"]
 
 
 def score_dataset(dataset: str = "digits", target: str = "validation", *, noise: float = 0.0,
-                  noise_kind: str = "symmetric", epochs: int = 5, seed: int = 0, out: Optional[str] = None,
+                  noise_kind: str = "symmetric", epochs: int = 20, seed: int = 0, out: Optional[str] = None,
                   model_path: Optional[str] = None, net: NetSpec = NetSpec(width=32), heldout_fraction: float = 0.1,
                   temperature: float = 1.0, batch: int = 256, impl: str = "auto", device: str = "auto",
                   data_root: Optional[str] = None, download: bool = False, progress: bool = True) -> Dict[str, Any]:
@@ -67,7 +67,6 @@ def score_dataset(dataset: str = "digits", target: str = "validation", *, noise:
     weighter = InfluenceWeighter(labels, train.num_classes, temperature=temperature, ema=0.0, sign=sign_for(target))
     scored = keep  # held-out instances define the target; they are not weighted
     weighter.update(scored, scores[scored])
-    weights = weighter.weights()
     summary: Dict[str, Any] = {
         "dataset": dataset, "target": target, "n_train": len(train), "n_scored": int(scored.numel()),
         "n_heldout": int(held.numel()), "noise": noise, "seed": seed,
@@ -77,7 +76,7 @@ def score_dataset(dataset: str = "digits", target: str = "validation", *, noise:
     }
     if flipped[keep].any():
         summary["noise_share"] = float(flipped[keep].double().mean())
-        summary["weight_on_flipped"] = weighter.weight_mass_on(flipped & _mask(keep, len(train)))
+        summary["weight_on_flipped"] = weight_mass_on(weighter.weights()[keep], flipped[keep])
         summary["auroc_flipped"] = auroc(-sign_for(target) * scores[keep], flipped[keep])
     if out:
         folder = Path(out)
@@ -88,8 +87,3 @@ def score_dataset(dataset: str = "digits", target: str = "validation", *, noise:
         summary["out"] = str(folder)
     return summary
 
-
-def _mask(indices: torch.Tensor, n: int) -> torch.Tensor:
-    m = torch.zeros(n, dtype=torch.bool)
-    m[indices] = True
-    return m

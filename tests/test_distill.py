@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iwd_fast.config import DistillConfig, EvalSpec, IWDSpec, NetSpec
+from iwd_fast.config import DistillConfig, IWDSpec, NetSpec
 from iwd_fast.data import from_tensors, DatasetSplits
 from iwd_fast.distill import run_distillation
 from iwd_fast.distill.gradient_matching import layerwise_distance

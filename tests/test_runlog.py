@@ -1,6 +1,5 @@
-"""Tests for iwd_fast.runlog: run-folder files, JSONL metrics, tensors, atomic checkpoints, timers."""
+"""Tests for iwd_fast.runlog: run-folder files, JSONL metrics, tensors, atomic checkpoints."""
 import json
-import time
 
 import pytest
 import torch
@@ -76,25 +75,6 @@ def test_checkpoint_roundtrip_and_atomic_write(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert run.load_checkpoint()["iteration"] == 7  # the previous checkpoint survived
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary left over
-
-
-def test_timer_accumulates_and_persists(tmp_path):
-    run = RunFolder(tmp_path)
-    for _ in range(2):
-        with run.timer("scoring"):
-            time.sleep(0.02)
-    with pytest.raises(KeyError):
-        with run.timer("distilling"):
-            raise KeyError("boom")  # time is still recorded
-    t = run.timings
-    assert set(t) == {"scoring", "distilling"} and t["scoring"] >= 0.04
-    on_disk = json.loads((tmp_path / "timing.json").read_text())
-    assert on_disk == pytest.approx(t)
-    resumed = RunFolder(tmp_path)  # a resumed run keeps the totals
-    with resumed.timer("scoring"):
-        pass
-    assert resumed.timings["scoring"] >= t["scoring"]
-
 
 def test_path_that_is_a_file_is_rejected(tmp_path):
     f = tmp_path / "file"

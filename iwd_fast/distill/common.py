@@ -9,10 +9,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DistillConfig, EvalSpec, NetSpec
-from ..data import ImageSet
+from ..config import DistillConfig, NetSpec
 from ..evaluate import _mix, build_eval_network
-from ..hooks import IndexedClassSampler
 from ..targets import check_target, scores_from_capture, validation_gradient
 from ..weighting import InfluenceWeighter, auroc, sign_for
 

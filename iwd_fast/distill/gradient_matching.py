@@ -66,7 +66,7 @@ class GradientMatching:
         return int(torch.randint(0, 2 ** 31 - 1, (), generator=self.aug_gen))
 
     def step(self, it: int) -> Dict[str, float]:
-        cfg, pool, syn = self.cfg, self.pool, self.syn
+        cfg, pool = self.cfg, self.pool
         net = build_net(cfg.net, pool, mix_seed(cfg.seed, 13, it), self.device).train()
         names = [n for n, _ in net.named_parameters()]
         params = [p for _, p in net.named_parameters()]

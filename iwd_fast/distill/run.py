@@ -2,7 +2,6 @@
 and the run folder (config, versions, metrics, synthetic set, weights, timing, plots). Resumable."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, Optional
 
 import torch
