@@ -60,6 +60,8 @@ def config_for(args, variant: str, seed: int) -> DistillConfig:
         cfg = cfg.replace(outer_loop=args.loops[0], inner_loop=args.loops[1])
     if args.batch_real:
         cfg = cfg.replace(batch_real=args.batch_real)
+    if args.refresh:
+        cfg = cfg.replace(iwd=dataclasses.replace(cfg.iwd, refresh=args.refresh))
     if args.quick:
         cfg = cfg.replace(net=NetSpec(width=8), batch_real=16, eval=EvalSpec(num_nets=1, epochs=5))
     return cfg
@@ -77,6 +79,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=0, help="override the network width")
     p.add_argument("--loops", type=int, nargs=2, default=None, metavar=("OUTER", "INNER"), help="override loops")
     p.add_argument("--batch-real", type=int, default=0, help="override real images per class per step")
+    p.add_argument("--refresh", type=int, default=0, help="override iwd.refresh (rescore every N outer steps)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--train-per-class", type=int, default=0,
                    help="class-stratified subset of the training set (0: all); the test set keeps 2000 images")
@@ -89,7 +92,7 @@ def main() -> None:
         records = [json.loads(line) for line in Path(args.summarize).read_text().splitlines() if line.strip()]
         args.method, args.dataset, args.noise = records[0]["method"], records[0]["dataset"], records[0]["noise"]
         args.ipc, args.seeds = records[0]["ipc"], sorted({r["seed"] for r in records})
-        args.variants = [v for v in VARIANTS if any(r["variant"] == v for r in records)]
+        args.variants = list(dict.fromkeys(r["variant"] for r in records))
         print(summarize(records, args))
         return
     if args.threads:
@@ -110,7 +113,8 @@ def main() -> None:
             started = time.perf_counter()
             s = run_distillation(cfg, splits, progress=False)
             t = s["timing_seconds"]
-            rec = {"bench": "iwd", "variant": variant, "seed": seed, "method": args.method, "dataset": args.dataset,
+            label = variant if cfg.weighting == "none" or cfg.iwd.refresh == 1 else f"{variant}/refresh{cfg.iwd.refresh}"
+            rec = {"bench": "iwd", "variant": label, "seed": seed, "method": args.method, "dataset": args.dataset,
                    "n_train": len(splits.train), "n_test": len(splits.test),
                    "ipc": args.ipc, "noise": args.noise, "preset": cfg.preset,
                    "budget": f"{cfg.iterations} it x {cfg.outer_loop}/{cfg.inner_loop} loops, batch_real "
@@ -119,14 +123,16 @@ def main() -> None:
                    "init_flipped_share": s["init_flipped_share"], "init_auroc_flipped": s.get("init_auroc_flipped"),
                    "weight_on_flipped": s.get("weight_on_flipped"), "auroc_flipped": s.get("auroc_flipped"),
                    "flipped_share": s.get("flipped_share"), "loop_seconds": t.get("distilling", 0) + t.get("scoring", 0),
-                   "scoring_seconds": t.get("scoring", 0.0), "init_seconds": t.get("init", 0.0),
+                   "scoring_seconds": t.get("scoring", 0.0),
+                   "init_seconds": t.get("init", 0.0) + t.get("init scoring", 0.0), "refresh": cfg.iwd.refresh,
                    "wall_seconds": time.perf_counter() - started, **env}
             records.append(rec)
             append_jsonl(out, [rec])
-            print(f"seed {seed} {variant:26s} acc {100 * rec['acc']:.1f}  w_flip {rec['weight_on_flipped']}  "
+            print(f"seed {seed} {label:26s} acc {100 * rec['acc']:.1f}  w_flip {rec['weight_on_flipped']}  "
                   f"auroc {rec['auroc_flipped']}  init_flip {rec['init_flipped_share']:.2f}  "
                   f"{rec['wall_seconds']:.0f}s", flush=True)
     print()
+    args.variants = list(dict.fromkeys(r["variant"] for r in records))
     print(summarize(records, args))
 
 

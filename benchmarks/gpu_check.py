@@ -1,54 +1,63 @@
 """GPU check of iwd_fast: every GPU backend against float64 oracles, then timings. One JSON, tables.
 
-    python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json     # on the GPU machine
-    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --cpu-smoke --out /tmp/x.json   # plumbing, on CPU
+    bash benchmarks/gpu_check.sh                  # on the GPU machine: build with CUDA, then this script
+    python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json          # package already built
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --cpu-smoke --out /tmp/x.json  # plumbing, on CPU
 
-Correctness (always runs in full; any FAIL or ERROR gives exit code 1):
+Correctness (always runs in full; any FAIL or ERROR gives exit code 1; TF32 off, cudnn deterministic):
 
 * Model level, ConvNet-3 (width 128, GroupNorm(C, C), B=64) and ResNet-18 (CIFAR, GroupNorm, B=16),
-  32x32x3, K=1 direction. Weights, inputs and directions are drawn in float32 on CPU; the float64
-  copies are exact. Each usable hook impl (torch, cuda, triton; cpu in smoke mode) runs through one
-  ``iwd_fast.capture`` (cap.grad_dot, cap.grad_norm_sq) and through the functional ``grad_dot`` /
-  ``grad_norm_sq``; ``jvp`` through ``grad_dot``. Budget (STYLE habit 6): max abs error vs the float64
-  reference <= 2 * (error of plain float32 ``impl="reference"`` on the device) + 1e-6 * max|ref|.
-  ReLU kinks: a pre-activation within rounding of 0 takes the other side in float32 (measured: one
-  sample of 64 on ConvNet-3, two of 16 on ResNet-18), which changes that sample's score by percents,
-  a difference of functions, not of arithmetic. So the oracle is taken on the function the float32
-  batched forward computes: the ReLU sign pattern of that forward is frozen (ReLU(z) = z * mask) and
-  both the float64 reference and the plain float32 reference run, sample by sample, through
-  ``grad_dot(..., impl="reference")`` on that frozen-mask twin of the network. Every path's own
-  forwards are watched; samples whose sign pattern differs from the frozen one (none expected: the
-  forward is deterministic) are left out of its error and counted. The unfrozen float32 reference
-  error is recorded too (``plain_err_unfrozen``), for information.
+  32x32x3, K=1 direction, float32 on the GPU. Weights, inputs and directions are drawn in float32 on
+  CPU, so their float64 copies are exact. Paths, per usable hook impl X (torch, cuda, triton):
+  one ``iwd_fast.capture`` forward+backward queried by every X (cap.grad_dot, cap.grad_norm_sq: the
+  kernels see identical inputs), the streamed capture (``capture(net, directions=v, impl=X)``, when
+  the package has it), functional ``grad_dot`` / ``grad_norm_sq`` with impl=X, and ``grad_dot`` jvp.
+  Budget (STYLE habit 6): max abs error vs the float64 reference <= 2 * (error of plain float32
+  ``impl="reference"`` on the GPU) + 1e-6 * max|ref|.
+  ReLU kinks: a pre-activation within rounding of 0 lands on the other side in float32 (measured on
+  CPU: one sample in 64 on ConvNet-3, two in 16 on ResNet-18), changing that sample's score by
+  percents: a different function, not an arithmetic error. So both references are taken on the
+  function the float32 batched forward computes: its ReLU sign pattern is frozen (ReLU(z) = z * mask,
+  the pattern packed into the input so that vmap maps over it) and ``grad_dot`` / ``grad_norm_sq``
+  with impl="reference" run on that frozen twin of the network, in float64 (the reference; on CPU
+  unless --ref-device cuda) and in float32 on the GPU (the plain baseline). Every path's own forwards
+  are watched: samples whose sign pattern differs from the frozen one (none expected: the forward is
+  deterministic) are left out of its error and counted. For information: the error of the unfrozen
+  float32 reference (models.*.plain_err_unfrozen), and for each kernel impl on the shared capture its
+  largest difference from the eager torch impl on the same tensors (max_abs_diff_vs_torch_impl).
 * Layer level: conv_dot, linear_dot, affine_dot, linear_grad_norm_sq of the "cuda" (iwd_fast._ops)
-  and "triton" backends on odd shapes in float32/float16/bfloat16 (and float64 for cuda), with the
-  budget of tests/test_triton_kernels.py: |fast - ref64| <= 2 |torch32 - ref64| + 4 u32 mag
-  (ref64 on the exact float64 copies of the rounded inputs, torch32 the eager formula in float32 on
-  them, mag the op on absolute values); float64: gamma_n * mag.
+  and "triton" (iwd_fast._triton_ops) backends on odd shapes (B=7, 33->65 and 34->66 channels, 17x19,
+  stride 2, dilation 2, groups 1/2, 1x1, K=3, channels-last and strided inputs) in float32, float16,
+  bfloat16 (and float64 for cuda), with the budget of tests/test_triton_kernels.py:
+  |fast - ref64| <= 2 |torch32 - ref64| + 4 u32 mag (ref64: the reference formula on the exact float64
+  copies of the rounded inputs; torch32: the same formula in float32 on them, on the GPU; mag: the op
+  on absolute values); float64: gamma_n * mag.
 
-TF32 is off (cuDNN and matmul) for correctness and for the main timings: the kernels compute in IEEE
-float32, so cuDNN is timed the same way; cuDNN with TF32 on is timed afterwards when time allows.
-
-Timings (CUDA: benchmarks/harness.py -> triton.testing.do_bench; CPU smoke: perf_counter), never
-failing the script; skipped with "skipped: time budget" once --time-budget seconds have passed:
+Timings (CUDA: benchmarks/harness.py, i.e. triton.testing.do_bench; CPU smoke: perf_counter) never
+fail the script; once --time-budget seconds have passed the rest is recorded "skipped: time budget":
 
 * conv 128->128 3x3 pad 1, B=256, 32x32, K=1, float32: fused Triton conv-dot, fused CUDA conv-dot,
-  cuDNN conv2d(x, V) alone, cuDNN conv2d + mul + sum (reference.conv_dot, unfused). Targets:
+  cuDNN conv2d(x, V) alone, cuDNN conv2d + mul + sum (reference.conv_dot, unfused), TF32 off (the
+  kernels compute in IEEE float32); then cuDNN with TF32 on, for information. Targets:
   triton / conv-alone <= 1.15, unfused / triton >= 1.5.
 * ConvNet-3 (B=256) and ResNet-18 (B=64): the paths of benchmarks/grad_dot_paths.py (plain fwd+bwd,
-  capture+X, functional grad_dot X, vmap(grad) reference, jvp, Opacus/BackPACK when installed),
-  median time, peak memory (torch.cuda.max_memory_allocated). Targets: capture time <= 1.4x plain,
-  capture peak memory <= 1.2x plain.
+  capture+X, capture streamed+X, capture norm_sq+X, grad_dot X, vmap(grad) reference, jvp, Opacus and
+  BackPACK when installed): median time, peak memory (torch.cuda.max_memory_allocated), ratios to
+  plain fwd+bwd and to vmap(grad). Targets: capture time <= 1.4x plain, peak memory <= 1.2x plain.
 
---quick: ResNet-18 correctness at B=8, no ResNet-18 timing, no norm-path timing, no TF32-on timings.
+--quick: ResNet-18 correctness at B=8; no ResNet-18, norm-path or TF32-on timings.
+--cpu-smoke: the same code on CPU with tiny shapes (width 8, B=4, 16x16, K=1; ResNet-18 at width 16),
+impls torch, cpu and triton (the latter only under TRITON_INTERPRET=1, and only on ConvNet-3 and the
+layer ops: the interpreter needs about a minute per ResNet-18 call).
 Imports only torch, numpy (through torch), triton and iwd_fast's core modules (not tqdm, matplotlib,
-scikit-learn, safetensors), so it runs on a machine with just the GPU stack.
+scikit-learn, scipy, safetensors), so it runs where only the GPU stack is installed.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -107,11 +116,31 @@ def _ensure_kernels_module() -> Optional[str]:
 
 
 def set_tf32(enabled: bool) -> None:
-    """TF32 for cuDNN convolutions and CUDA matmuls (the legacy flags, still honoured by torch 2.11)."""
+    """TF32 on or off for cuDNN convolutions and CUDA matmuls: the legacy flags (honoured by torch 2.11),
+    or the fp32_precision settings of newer torch if the legacy ones are refused."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.backends.cudnn.allow_tf32 = enabled
-        torch.backends.cuda.matmul.allow_tf32 = enabled
+        try:
+            torch.backends.cudnn.allow_tf32 = enabled
+            torch.backends.cuda.matmul.allow_tf32 = enabled
+        except Exception:  # noqa: BLE001 - torch that only takes the new API
+            torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
+            torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
+
+
+def tf32_state() -> Dict[str, object]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out: Dict[str, object] = {}
+        for name, get in (("cudnn.allow_tf32", lambda: torch.backends.cudnn.allow_tf32),
+                          ("cuda.matmul.allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32),
+                          ("cudnn.conv.fp32_precision", lambda: torch.backends.cudnn.conv.fp32_precision),
+                          ("cuda.matmul.fp32_precision", lambda: torch.backends.cuda.matmul.fp32_precision)):
+            try:
+                out[name] = get()
+            except Exception as exc:  # noqa: BLE001
+                out[name] = f"unreadable: {type(exc).__name__}"
+        return out
 
 
 def _err_text(exc: BaseException) -> str:
@@ -143,21 +172,20 @@ class Plan:
 def make_plan(args) -> Plan:
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke else "cuda")
-    ref_device = torch.device(args.ref_device) if args.ref_device else device
+    ref_device = torch.device(args.ref_device)
     skip: Dict[str, Dict[str, str]] = {}
     if smoke:
         # 16x16, not 8x8: at 8x8 ConvNet-3's last InstanceNorm sees 2x2 values and ResNet-18's last GroupNorm
-        # 2 values per group, so any two float32 computations differ by O(1) relative (measured): no oracle
-        # check means anything there. ResNet-18 at B=2: its vmap(grad) oracle dominates the smoke's time.
+        # 2 values per group, so two float32 computations differ by O(1) relative (measured): no oracle
+        # check means anything there. ResNet-18 at width 16: at width 8 its last GroupNorms still see 8
+        # values and plain float32 errors swing 5x between seeds.
         models = {"convnet3": dict(net="convnet", width=8, norm="instancenorm", batch=4, im=16),
-                  "resnet18": dict(net="resnet18", width=8, norm="groupnorm", batch=2, im=16)}
-        timing = {"convnet3": dict(models["convnet3"])}  # the ResNet-18 timing runs the same code
+                  "resnet18": dict(net="resnet18", width=16, norm="groupnorm", batch=4, im=16)}
+        timing = {k: dict(m) for k, m in models.items()}
         slow = "skipped in --cpu-smoke: the Triton interpreter takes about a minute per call of this model"
         skip = {"resnet18:capture": {"triton": slow}, "resnet18:functional": {"triton": slow},
-                "convnet3:functional": {"triton": "skipped in --cpu-smoke: the same kernel calls as the capture "
-                                                  "path, and the Triton interpreter is slow"},
-                "timing": {"triton": "skipped in --cpu-smoke: the Triton interpreter (timed in the conv micro-"
-                                     "benchmark only)"}}
+                "timing": {"triton": "skipped in --cpu-smoke: the Triton interpreter (timed in the conv "
+                                     "micro-benchmark only)"}}
         micro = dict(b=4, c=8, hw=8)
         dtypes = {"cpu": (torch.float32, torch.float64), "triton": (torch.float32, torch.float16, torch.bfloat16)}
     else:
@@ -200,6 +228,7 @@ class Report:
         self.timings: List[dict] = []
         self.targets: List[dict] = []
         self.models: Dict[str, dict] = {}
+        self.micro_rows: Dict[str, dict] = {}
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -448,7 +477,8 @@ def check_model(rep: Report, key: str, spec: dict, seed: int) -> None:
         rep.check(dict(section="model", name=f"{key} capture forward+backward", impl=None, path="capture",
                        status=ERROR, error=_err_text(exc), **info))
         cap = None
-    for impl in impls:
+    eager: Dict[str, torch.Tensor] = {}
+    for impl in sorted(impls, key=lambda i: i != "torch"):  # torch first: the others are compared with it
         if cap is None:
             break
         for quantity, query in (("grad_dot", lambda i=impl: cap.grad_dot(vd, impl=i)),
@@ -462,8 +492,17 @@ def check_model(rep: Report, key: str, spec: dict, seed: int) -> None:
                                status=ERROR, error=_err_text(exc), **info))
                 continue
             ref, plain = (ref_dot, plain_dot) if quantity == "grad_dot" else (ref_norm, plain_norm)
-            rep.check(_judge(name, out, ref, plain, cap_excluded, torch.float32, section="model", impl=impl,
-                             path="capture", quantity=quantity, **info))
+            entry = _judge(name, out, ref, plain, cap_excluded, torch.float32, section="model", impl=impl,
+                           path="capture", quantity=quantity, **info)
+            if impl == "torch":
+                eager[quantity] = out.detach().double().cpu()
+            elif quantity in eager:  # diagnosis: the kernel against eager PyTorch on the very same captured tensors
+                entry["max_abs_diff_vs_torch_impl"] = float((out.detach().double().cpu() - eager[quantity]).abs().max())
+            rep.check(entry)
+    if _capture_streams():
+        for impl in impls:
+            run(f"{key} capture-streamed grad_dot {impl}", "grad_dot", impl,
+                lambda i=impl: _streamed_dot(netd, xd, yd, vd, params, i), "capture-streamed")
     for impl in functional:
         run(f"{key} functional grad_dot {impl}", "grad_dot", impl,
             lambda i=impl: iwd_fast.grad_dot(netd, xd, yd, vd, impl=i), "functional")
@@ -471,6 +510,21 @@ def check_model(rep: Report, key: str, spec: dict, seed: int) -> None:
             lambda i=impl: iwd_fast.grad_norm_sq(netd, xd, yd, impl=i), "functional")
     run(f"{key} functional grad_dot jvp", "grad_dot", "jvp",
         lambda: iwd_fast.grad_dot(netd, xd, yd, vd, impl="jvp"), "functional")
+
+
+def _capture_streams() -> bool:
+    """Whether this iwd_fast's capture() takes directions (dots computed inside the backward)."""
+    try:
+        return "directions" in inspect.signature(iwd_fast.capture).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _streamed_dot(net, x, y, v, params, impl: str) -> torch.Tensor:
+    with iwd_fast.capture(net, directions=v, impl=impl) as cap:
+        grads = torch.autograd.grad(F.cross_entropy(net(x), y), params)
+    del grads
+    return cap.grad_dot()
 
 
 # ------------------------------------------------------------------------------------------ layer correctness
@@ -656,9 +710,14 @@ def time_conv_micro(rep: Report, tf32_pass: bool) -> None:
                                 tf32=tf32_pass)
     finally:
         set_tf32(False)
-    if tf32_pass:
-        return
     ms = {k: r.get("ms") for k, r in rows.items()}
+    if tf32_pass:
+        fused = {k: r.get("ms") for k, r in rep.micro_rows.items()}
+        for key, label in (("triton", "triton"), ("compiled", "cuda" if dev.type == "cuda" else "cpu")):
+            value = None if fused.get(key) is None or ms.get("alone") is None else fused[key] / ms["alone"]
+            rep.target(f"conv-dot: {label} fused / cuDNN conv2d alone with TF32 on", value, section="conv_micro")
+        return
+    rep.micro_rows = rows
     ratio = lambda a, b: None if ms.get(a) is None or ms.get(b) is None else ms[a] / ms[b]  # noqa: E731
     rep.target("conv-dot: triton fused / conv2d alone", ratio("triton", "alone"), 1.15, "<=", section="conv_micro")
     rep.target("conv-dot: unfused / triton fused", ratio("unfused", "triton"), 1.5, ">=", section="conv_micro")
@@ -691,14 +750,16 @@ def time_model(rep: Report, key: str, spec: dict, quick: bool) -> None:
             r["mem_ratio_to_plain"] = r["peak_bytes"] / base["peak_bytes"]
         if r.get("ms") and vmap.get("ms"):
             r["speedup_vs_vmap_grad"] = vmap["ms"] / r["ms"]
-    for impl in [i for i in plan.hook_impls if i not in plan.skip.get("timing", {})]:
-        r = rows.get(f"capture+{impl}", {})
-        rep.target(f"{key}: capture+{impl} time / plain fwd+bwd", r.get("ratio_to_plain"), 1.4, "<=",
+    for p in paths:  # capture+X and, where the package has it, capture streamed+X
+        if p.kind != "capture" or p.impl in plan.skip.get("timing", {}) or p.status != "ok":
+            continue
+        r = rows[p.name]
+        rep.target(f"{key}: {p.name} time / plain fwd+bwd", r.get("ratio_to_plain"), 1.4, "<=", section="model",
+                   model=key)
+        rep.target(f"{key}: {p.name} peak memory / plain fwd+bwd", r.get("mem_ratio_to_plain"), 1.2, "<=",
                    section="model", model=key)
-        rep.target(f"{key}: capture+{impl} peak memory / plain fwd+bwd", r.get("mem_ratio_to_plain"), 1.2, "<=",
-                   section="model", model=key)
-        rep.target(f"{key}: capture+{impl} speedup vs vmap(grad)", r.get("speedup_vs_vmap_grad"),
-                   section="model", model=key)
+        rep.target(f"{key}: {p.name} speedup vs vmap(grad)", r.get("speedup_vs_vmap_grad"), section="model",
+                   model=key)
     if not quick and dev.type == "cuda":
         set_tf32(True)
         try:
@@ -729,7 +790,8 @@ def print_tables(rep: Report) -> None:
     print(harness.markdown_table(["check", "status", "err", "allowed", "plain err", "excluded", "error"], rows))
     if rep.timings:
         print("\n## timings\n")
-        rows = [(t.get("model", t["section"]), t["name"], _fmt(t.get("ms"), ".3f"), _fmt(t.get("ratio_to_plain"), ".2f"),
+        rows = [(t.get("model", t["section"]), t["name"], _fmt(t.get("ms"), ".3f"),
+                 _fmt(t.get("ratio_to_plain"), ".2f"),
                  _fmt(t.get("peak_bytes") / harness.MB if t.get("peak_bytes") else None, ".1f"),
                  _fmt(t.get("mem_ratio_to_plain"), ".2f"), _fmt(t.get("speedup_vs_vmap_grad"), ".2f"),
                  t["status"][:60]) for t in rep.timings]
@@ -753,6 +815,7 @@ def environment(plan: Plan, kernels_note: Optional[str]) -> dict:
     env["triton_interpret"] = os.environ.get("TRITON_INTERPRET")
     env["build_seconds"] = os.environ.get("GPU_CHECK_BUILD_S")
     env["reference_device"] = str(plan.ref_device)
+    env["tf32_during_checks"] = tf32_state()
     if plan.device.type == "cuda":
         props = torch.cuda.get_device_properties(plan.device)
         env["cuda_capability"] = f"{props.major}.{props.minor}"
@@ -771,14 +834,18 @@ def main(argv=None) -> int:
                     help="tiny shapes on CPU (impls torch, cpu, and triton if TRITON_INTERPRET=1): proves the plumbing")
     ap.add_argument("--time-budget", type=float, default=420.0,
                     help="seconds after which remaining timings are skipped (correctness always runs); default 420")
-    ap.add_argument("--ref-device", default=None,
-                    help="device of the float64 reference (default: the checked device; 'cpu' is much slower)")
+    ap.add_argument("--ref-device", default="cpu",
+                    help="device of the float64 references (default cpu: about 25 s on 16 cores; 'cuda' is faster)")
     ap.add_argument("--k", type=int, default=1, help="directions at model level (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible to torch; use --cpu-smoke on a CPU machine", file=sys.stderr)
         return 2
+    if args.cpu_smoke:
+        # Tiny shapes: one thread. Two OpenMP threads on a busy 2-core machine stall at every barrier
+        # (measured: a ResNet-18 forward+backward took 2.3 s with 2 threads, 20 ms with 1).
+        torch.set_num_threads(1)
     kernels_note = _ensure_kernels_module()
     set_tf32(False)
     plan = make_plan(args)
@@ -809,13 +876,14 @@ def main(argv=None) -> int:
     correctness_s = rep.elapsed()
 
     sections = [("conv micro", lambda: time_conv_micro(rep, False))]
-    sections += [(f"model {k}", lambda k=k, s=s: time_model(rep, k, s, args.quick)) for k, s in plan.timing_models.items()]
+    sections += [(f"model {k}", lambda k=k, s=s: time_model(rep, k, s, args.quick))
+                 for k, s in plan.timing_models.items()]
     for key in plan.models:
         if key not in plan.timing_models:
-            why = "--quick" if args.quick else "--cpu-smoke (the same code as the other model's timing)"
-            rep.timings.append(dict(section="model", model=key, name=f"model {key}", status=f"skipped: {why}"))
+            rep.timings.append(dict(section="model", model=key, name=f"model {key}", status="skipped: --quick"))
     if not args.quick and plan.device.type == "cuda":
         sections.append(("conv micro TF32", lambda: time_conv_micro(rep, True)))
+    save(rep, env, args, correctness_s, done=False)
     for label, run in sections:
         if rep.over_budget():
             rep.timings.append(dict(section=label, name=label, status="skipped: time budget"))
@@ -826,22 +894,31 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001
             rep.timings.append(dict(section=label, name=label, status="error", error=_err_text(exc)))
             print(f"  {label}: ERROR {_err_text(exc)[:300]}", flush=True)
+        save(rep, env, args, correctness_s, done=False)
 
+    print_tables(rep)
+    summary = save(rep, env, args, correctness_s, done=True)
+    print(f"\n# correctness {summary['correctness']}: {summary['checks'] - summary['failed']}/{summary['checks']} "
+          f"checks pass; correctness {summary['correctness_s']} s, total {summary['elapsed_s']} s; wrote {args.out}")
+    return 0 if summary["correctness"] == PASS else 1
+
+
+def save(rep: Report, env: dict, args, correctness_s: float, done: bool) -> dict:
+    """Write the JSON (also after every timing section, so a run cut short keeps what it measured)."""
     failed = [c for c in rep.checks if c["status"] != PASS]
     summary = dict(correctness=PASS if not failed and rep.checks else FAIL, checks=len(rep.checks), failed=len(failed),
                    failed_names=[c["name"] for c in failed], correctness_s=round(correctness_s, 1),
-                   elapsed_s=round(rep.elapsed(), 1), time_budget_s=args.time_budget,
+                   elapsed_s=round(rep.elapsed(), 1), time_budget_s=args.time_budget, complete=done,
                    impls_checked=sorted({c["impl"] for c in rep.checks if c.get("impl")}),
                    targets_missed=[t["name"] for t in rep.targets if t["status"] == "MISS"])
     result = dict(schema="iwd_fast.gpu_check/1", summary=summary, environment=env, checks=rep.checks,
                   timings=rep.timings, targets=rep.targets, models=rep.models)
-    print_tables(rep)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, sort_keys=False, default=str) + "\n")
-    print(f"\n# correctness {summary['correctness']}: {summary['checks'] - summary['failed']}/{summary['checks']} "
-          f"checks pass; correctness {summary['correctness_s']} s, total {summary['elapsed_s']} s; wrote {out}")
-    return 0 if summary["correctness"] == PASS else 1
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    tmp.replace(out)
+    return summary
 
 
 if __name__ == "__main__":

@@ -139,12 +139,21 @@ def build_paths(inp: Inputs, reasons: Dict[str, Optional[str]], anchors: bool) -
             return out
         return run
 
+    def streamed(impl: str) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with iwd_fast.capture(net, directions=v, impl=impl) as cap:
+                grads = torch.autograd.grad(F.cross_entropy(net(x), y), params)  # dots run inside this backward
+            del grads
+            return cap.grad_dot()
+        return run
+
     def functional(impl: str) -> Callable[[], torch.Tensor]:
         return lambda: iwd_fast.grad_dot(net, x, y, v, impl=impl)
 
     hook = [i for i in _dispatch.HOOK_IMPLS if reasons[i] is None]
     paths = [Path("plain fwd+bwd", "baseline", None, plain)]
     paths += [Path(f"capture+{i}", "capture", i, capture(i, False), compare="dot") for i in hook]
+    paths += [Path(f"capture streamed+{i}", "capture", i, streamed(i), compare="dot") for i in hook]
     paths += [Path(f"capture norm_sq+{i}", "capture_norm", i, capture(i, True), compare="norm") for i in hook]
     paths += [Path(f"grad_dot {i}", "functional", i, functional(i), compare="dot", slow=(i == "reference"))
               for i in ("reference", "jvp", *hook) if reasons[i] is None]

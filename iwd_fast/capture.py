@@ -29,8 +29,9 @@ SampleWeights = Union[None, str, torch.Tensor]
 class _Call:
     module: nn.Module
     record: Record
-    output: torch.Tensor
+    output: Optional[torch.Tensor]  # dropped once its gradient has arrived
     version: int
+    streamed: bool = False
 
 
 class Capture:
@@ -38,12 +39,24 @@ class Capture:
 
     Output gradients are caught by tensor hooks during any backward run after the forward
     (``loss.backward()`` or ``torch.autograd.grad``), so the caller's own backward feeds the scores.
+
+    Streaming: with ``directions`` given up front, each layer's dot is computed inside the backward as
+    soon as its output gradient arrives, and the layer's input and gradient are released at once, so
+    the capture adds about one layer's temporaries to the peak memory instead of every layer's
+    gradient. Read the scores with ``grad_dot()`` (no directions) after the backward.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, directions: Optional[Directions] = None, impl: str = "auto"):
         self.model = model
         self.calls: List[_Call] = []
         self._handles: list = []
+        self._stream = None
+        if directions is not None:
+            stacked = stack_directions(model, directions)
+            grouped = self._modules_for(list(stacked.tensors))
+            by_module = {mid: (owner, {local: stacked.tensors[name] for name, local in pairs})
+                         for mid, (owner, pairs) in grouped.items()}
+            self._stream = {"stacked": stacked, "by_module": by_module, "impl": impl, "ops": None, "total": None}
 
     # ---------------------------------------------------------------- recording
     def __enter__(self) -> "Capture":
@@ -64,10 +77,26 @@ class Capture:
         call = _Call(module, Record(x=inputs[0].detach()), output, output._version)
         self.calls.append(call)
 
-        def keep(grad: torch.Tensor, rec: Record = call.record) -> None:
+        def keep(grad: torch.Tensor, call: _Call = call) -> None:
+            rec = call.record
             rec.delta = grad.detach() if rec.delta is None else rec.delta + grad.detach()
+            call.output = None
+            if self._stream is not None and id(call.module) in self._stream["by_module"]:
+                self._consume(call)
 
         output.register_hook(keep)
+
+    def _consume(self, call: _Call) -> None:
+        """Streaming: fold this call's dot into the running total and release its tensors."""
+        st, rec = self._stream, call.record
+        if st["ops"] is None:
+            concrete = _dispatch.auto_hook_impl(rec.x.device) if st["impl"] == "auto" else st["impl"]
+            st["ops"] = _dispatch.layer_ops(concrete, rec.x.device)
+        owner, v = st["by_module"][id(call.module)]
+        dtype = rec.x.dtype if rec.x.is_floating_point() else rec.delta.dtype
+        term = rule_for(call.module).dot(call.module, rec, {k: t.to(dtype) for k, t in v.items()}, st["ops"])
+        st["total"] = term if st["total"] is None else st["total"] + term
+        rec.x, rec.delta, call.streamed = None, None, True
 
     def differentiable_targets(self) -> List[torch.Tensor]:
         """The cheapest tensors to differentiate a loss with respect to so that every hook fires.
@@ -75,7 +104,7 @@ class Capture:
         The recorded outputs themselves (no parameter-gradient work) unless one was modified in place
         after its layer ran, in which case the parameters of the recorded modules.
         """
-        if all(c.output._version == c.version for c in self.calls):
+        if all(c.output is not None and c.output._version == c.version for c in self.calls):
             return [c.output for c in self.calls]
         seen, params = set(), []
         for c in self.calls:
@@ -86,18 +115,21 @@ class Capture:
         return params
 
     # ---------------------------------------------------------------- queries
-    def grad_dot(self, directions: Directions, sample_weights: SampleWeights = None,
+    def grad_dot(self, directions: Optional[Directions] = None, sample_weights: SampleWeights = None,
                  impl: str = "auto") -> torch.Tensor:
         """Per-sample <grad_theta loss_i, v_k> of the UNWEIGHTED per-sample losses.
 
         Args:
-            directions: {param_name: [*shape] or [K, *shape]} or a list of K such dicts.
+            directions: {param_name: [*shape] or [K, *shape]} or a list of K such dicts; None reads the
+                streamed scores of the directions given to the constructor.
             sample_weights: the factor each per-sample loss carried in the differentiated loss:
                 None or "mean" (1/B, the default), "sum" (1), or a tensor [B] (e.g. w_i / sum(w)).
             impl: "auto" | "torch" | "cpu" | "cuda" | "triton".
         Returns:
             [B] for one direction, [B, K] for K.
         """
+        if directions is None:
+            return self._streamed(sample_weights)
         stacked = stack_directions(self.model, directions)
         grouped = self._modules_for(list(stacked.tensors))
         ops, scale = self._prepare(impl, sample_weights)
@@ -132,6 +164,20 @@ class Capture:
             total = term if total is None else total + term
         return total
 
+    def _streamed(self, sample_weights: SampleWeights) -> torch.Tensor:
+        if self._stream is None:
+            raise ValueError("grad_dot() without directions reads streamed scores: pass directions to capture()")
+        pending = [c for c in self.calls if id(c.module) in self._stream["by_module"] and not c.streamed]
+        if not self.calls or pending or self._stream["total"] is None:
+            names = sorted({o.module_name or "<root>" for o, _ in self._stream["by_module"].values()})
+            raise RuntimeError(f"no gradient reached the outputs of {names}: run the forward and the backward of "
+                               "the real-batch loss inside the capture block")
+        total = self._stream["total"]
+        scale = _inverse_sample_weights(sample_weights, total.shape[0], total.device)
+        if scale is not None:
+            total = total * scale.to(total.dtype).unsqueeze(1)
+        return total[:, 0] if self._stream["stacked"].single else total
+
     # ---------------------------------------------------------------- helpers
     def _modules_for(self, names: Sequence[str]):
         grouped = group_by_module(names, param_owners(self.model))
@@ -146,15 +192,19 @@ class Capture:
         return grouped
 
     def _records(self, owner) -> List[Record]:
-        recs = [c.record for c in self.calls if c.module is owner.module]
+        calls = [c for c in self.calls if c.module is owner.module]
+        recs = [c.record for c in calls]
         label = owner.module_name or "<root>"
+        if any(c.streamed for c in calls):
+            raise RuntimeError(f"module {label!r}: this capture streamed its dots and released the layer's tensors; "
+                               "call grad_dot() without directions, or capture without directions")
         if not recs:
             raise RuntimeError(f"module {label!r} was not called with gradients enabled inside the capture block")
         missing = [i for i, r in enumerate(recs) if r.delta is None]
         if missing:
             raise RuntimeError(f"no gradient reached the output of module {label!r} (calls {missing}): run the "
                                "backward of the real-batch loss before querying the capture")
-        batches = {r.x.shape[0] for c in self.calls for r in [c.record]}
+        batches = {c.record.x.shape[0] for c in self.calls if c.record.x is not None}
         if len(batches) > 1:
             raise RuntimeError(f"the capture recorded calls with different batch sizes {sorted(batches)}: "
                                "run only one batch's forward inside the capture block")
@@ -167,7 +217,10 @@ class Capture:
             raise _dispatch.ImplUnavailableError(
                 f"impl={impl!r} recomputes the model and cannot work from captured tensors; use "
                 "iwd_fast.grad_dot(model, inputs, targets, ..., impl=...) instead")
-        first = self.calls[0].record.x
+        first = next((c.record.x for c in self.calls if c.record.x is not None), None)
+        if first is None:
+            raise RuntimeError("this capture streamed its dots and released every layer's tensors; call grad_dot() "
+                               "without directions")
         device, batch = first.device, first.shape[0]
         concrete = _dispatch.auto_hook_impl(device) if impl == "auto" else impl
         ops = _dispatch.layer_ops(concrete, device)
@@ -199,6 +252,8 @@ def _inverse_sample_weights(sample_weights: SampleWeights, batch: int, device) -
     return 1.0 / w.to(torch.float64)
 
 
-def capture(model: nn.Module) -> Capture:
-    """Record what ``model``'s supported layers see during forward and backward; see :class:`Capture`."""
-    return Capture(model)
+def capture(model: nn.Module, directions: Optional[Directions] = None, impl: str = "auto") -> Capture:
+    """Record what ``model``'s supported layers see during forward and backward; see :class:`Capture`.
+
+    With ``directions``, the dots are computed during the backward (streaming, lowest memory)."""
+    return Capture(model, directions, impl)

@@ -63,7 +63,7 @@ def grad_dot(
         _validate_targets(model, inputs, targets, loss)
         s = grad_dot_jvp(model, inputs, targets, stacked.tensors, loss_fn)
     else:
-        s = _chunked(lambda cap: cap.grad_dot(stacked.tensors, "sum", concrete),
+        s = _chunked(lambda: Capture(model, stacked.tensors, concrete), lambda cap: cap.grad_dot(None, "sum"),
                      model, inputs, targets, loss, loss_fn, chunk_size)
     return s[:, 0] if stacked.single else s
 
@@ -98,8 +98,8 @@ def grad_norm_sq(
         _check_no_batch_coupling(model)
         _validate_targets(model, inputs, targets, loss)
         return reference.grad_norm_sq_reference(model, inputs, targets, names, loss_fn, chunk_size)
-    return _chunked(lambda cap: cap.grad_norm_sq(names, "sum", concrete), model, inputs, targets, loss, loss_fn,
-                    chunk_size)
+    return _chunked(lambda: Capture(model), lambda cap: cap.grad_norm_sq(names, "sum", concrete), model, inputs,
+                    targets, loss, loss_fn, chunk_size)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -157,13 +157,14 @@ def _validate_targets(model, inputs, targets, loss) -> None:
     check_targets(loss, torch.Size((inputs.shape[0], *shape[1:])), targets, inputs.shape[0])
 
 
-def _chunked(query, model, inputs, targets, loss, loss_fn, chunk_size):
-    """Run forward + backward of sum_i loss_i under a capture per chunk; concatenate query results."""
+def _chunked(make_capture, query, model, inputs, targets, loss, loss_fn, chunk_size):
+    """Run forward + backward of sum_i loss_i under a capture per chunk; concatenate query results.
+    Dots stream inside the backward (the capture is built with the directions); norms read after it."""
     step = inputs.shape[0] if not chunk_size else int(chunk_size)
     parts = []
     for start in range(0, inputs.shape[0], step):
         x, y = inputs[start:start + step], targets[start:start + step]
-        cap = Capture(model)
+        cap = make_capture()
         with torch.enable_grad(), cap:
             out = model(x)
             if not callable(loss):

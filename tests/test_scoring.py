@@ -383,3 +383,35 @@ def test_clear_errors():
         cap.grad_dot(dirs, sample_weights=w, impl="torch")
     with pytest.raises(iwd_fast.ImplUnavailableError, match="reference"):
         cap.grad_dot(dirs, impl="reference")
+
+
+@pytest.mark.parametrize("case", ["conv2d_groups_stride_dilation", "shared_module", "embedding", "batchnorm_eval"])
+@pytest.mark.parametrize("impl", HOOK_IMPLS_HERE)
+def test_streaming_capture_matches_reference_and_releases_tensors(case, impl):
+    m, x, y = make_case(case)
+    dirs = random_directions(m, 2)
+    ref = iwd_fast.grad_dot(m, x, y, dirs, impl="reference")
+    w = torch.rand(x.shape[0], dtype=torch.float64) + 0.1
+    with iwd_fast.capture(m, directions=dirs, impl=impl) as cap:
+        per = F.cross_entropy(m(x), y, reduction="none")
+        (per * w / w.sum()).sum().backward()
+    torch.testing.assert_close(cap.grad_dot(sample_weights=w / w.sum()), ref, rtol=1e-9, atol=1e-12)
+    assert all(c.record.x is None and c.record.delta is None and c.output is None for c in cap.calls)
+    with pytest.raises(RuntimeError, match="streamed"):
+        cap.grad_dot(dirs, impl=impl)
+    single = {n: v[0] for n, v in dirs.items()}
+    with iwd_fast.capture(m, directions=single, impl=impl) as cap:
+        F.cross_entropy(m(x), y, reduction="sum").backward()
+    torch.testing.assert_close(cap.grad_dot(sample_weights="sum"), ref[:, 0], rtol=1e-9, atol=1e-12)
+
+
+def test_streaming_capture_errors_before_backward():
+    m, x, y = make_case("shared_module")
+    with iwd_fast.capture(m, directions=random_directions(m, 1)) as cap:
+        m(x)
+    with pytest.raises(RuntimeError, match="backward"):
+        cap.grad_dot()
+    with iwd_fast.capture(m) as plain:
+        F.cross_entropy(m(x), y).backward()
+    with pytest.raises(ValueError, match="pass directions"):
+        plain.grad_dot()

@@ -77,7 +77,7 @@ def initial_indices(cfg: DistillConfig, pool: RealPool, device, timer: PhaseTime
     target = cfg.iwd.init_influence
     if target not in ("self", "validation"):
         raise ValueError(f"iwd.init_influence must be 'self' or 'validation', got {target!r}")
-    with timer.phase("scoring"):
+    with timer.phase("init scoring"):
         raw = warmup_scores(cfg, pool, device, target).detach().cpu()
     weighter = InfluenceWeighter(pool.labels.cpu(), pool.num_classes, temperature=cfg.iwd.temperature,
                                  ema=0.0, sign=sign_for(target))
@@ -111,10 +111,10 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
     dsa_strategy = None
     if cfg.method == "dsa" or cfg.method == "dm":
         dsa_strategy = default_strategy(cfg.dataset) if cfg.dsa_strategy == "auto" else cfg.dsa_strategy
+    iwd = IWDState.from_config(cfg, pool, timer)  # validates the weighting options before any work
     with timer.phase("init"):
         init = initial_indices(cfg, pool, device, timer)
     syn = SyntheticSet(pool.images[init["indices"].to(device)], pool.num_classes, cfg.ipc)
-    iwd = IWDState.from_config(cfg, pool, timer)
     method = METHODS[cfg.method](cfg, pool, syn, iwd, dsa_strategy, device)
     start, history = 0, []
     state = run.load_checkpoint() if run is not None else None
