@@ -10,11 +10,13 @@ import torch
 import torch.nn as nn
 
 from ..config import DistillConfig, NetSpec
+from ..augment import dsa_augment
 from ..evaluate import _mix, build_eval_network
+from ..hooks import IndexedClassSampler
 from ..targets import check_target, scores_from_capture, validation_gradient
 from ..weighting import InfluenceWeighter, auroc, sign_for
 
-__all__ = ["mix_seed", "RealPool", "SyntheticSet", "IWDState", "PhaseTimer", "build_net"]
+__all__ = ["mix_seed", "RealPool", "SyntheticSet", "Distiller", "IWDState", "PhaseTimer", "build_net"]
 
 mix_seed = _mix
 
@@ -80,6 +82,46 @@ class PhaseTimer:
 
 def build_net(spec: NetSpec, pool: RealPool, seed: int, device) -> nn.Module:
     return build_eval_network(spec, pool.channels, pool.num_classes, pool.im_size, seed).to(device)
+
+
+class Distiller:
+    """State every distiller shares: the image optimiser, the real-batch sampler and the DSA seed stream.
+
+    Subclasses set ``SEED_KEY`` (distinct random streams per method) and implement ``step(it)``.
+    """
+
+    SEED_KEY = 0
+
+    def __init__(self, cfg: DistillConfig, pool: RealPool, syn: SyntheticSet, iwd: Optional["IWDState"],
+                 dsa_strategy: Optional[str], device):
+        self.cfg, self.pool, self.syn, self.iwd = cfg, pool, syn, iwd
+        self.dsa_strategy = dsa_strategy
+        self.device = device
+        self.opt_img = torch.optim.SGD(syn.parameters(), lr=cfg.lr_img, momentum=cfg.momentum_img)
+        self.sampler = IndexedClassSampler(pool.labels.cpu(), pool.num_classes,
+                                           seed=mix_seed(cfg.seed, self.SEED_KEY + 1))
+        self.aug_gen = torch.Generator().manual_seed(mix_seed(cfg.seed, self.SEED_KEY + 2))
+
+    def state_dict(self) -> Dict:
+        return {"opt_img": self.opt_img.state_dict(), "sampler": self.sampler.state_dict(),
+                "aug_gen": self.aug_gen.get_state()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.opt_img.load_state_dict(state["opt_img"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.aug_gen.set_state(state["aug_gen"])
+
+    def _next_seed(self) -> Optional[int]:
+        """Seed of the next DSA draw (shared by a real and a synthetic batch), or None without DSA."""
+        if not self.dsa_strategy:
+            return None
+        return int(torch.randint(0, 2 ** 31 - 1, (), generator=self.aug_gen))
+
+    def _augment(self, x: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
+        return x if seed is None else dsa_augment(x, self.dsa_strategy, seed=seed)
+
+    def step(self, it: int) -> Dict[str, float]:
+        raise NotImplementedError
 
 
 @dataclass

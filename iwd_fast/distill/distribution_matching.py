@@ -9,17 +9,15 @@ scoring steps).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 
-from ..augment import dsa_augment
 from ..capture import capture
-from ..config import DistillConfig
-from ..hooks import IndexedClassSampler, weighted_class_mean
+from ..hooks import weighted_class_mean
 from ..targets import implicit_direction, matching_direction
-from .common import IWDState, RealPool, SyntheticSet, build_net, mix_seed
+from .common import Distiller, build_net, mix_seed
 
 __all__ = ["DistributionMatching"]
 
@@ -29,29 +27,10 @@ def mean_distance(real_mean: torch.Tensor, syn_embed: torch.Tensor) -> torch.Ten
     return ((real_mean - syn_embed.mean(dim=0)) ** 2).sum()
 
 
-class DistributionMatching:
+class DistributionMatching(Distiller):
     """One DM run's state; ``step(it)`` performs one iteration and returns its metrics."""
 
-    def __init__(self, cfg: DistillConfig, pool: RealPool, syn: SyntheticSet, iwd: Optional[IWDState],
-                 dsa_strategy: Optional[str], device):
-        self.cfg, self.pool, self.syn, self.iwd = cfg, pool, syn, iwd
-        self.dsa_strategy = dsa_strategy
-        self.device = device
-        self.opt_img = torch.optim.SGD(syn.parameters(), lr=cfg.lr_img, momentum=cfg.momentum_img)
-        self.sampler = IndexedClassSampler(pool.labels.cpu(), pool.num_classes, seed=mix_seed(cfg.seed, 21))
-        self.aug_gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 22))
-
-    def state_dict(self) -> Dict:
-        return {"opt_img": self.opt_img.state_dict(), "sampler": self.sampler.state_dict(),
-                "aug_gen": self.aug_gen.get_state()}
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.opt_img.load_state_dict(state["opt_img"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.aug_gen.set_state(state["aug_gen"])
-
-    def _augment(self, x: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
-        return x if seed is None else dsa_augment(x, self.dsa_strategy, seed=seed)
+    SEED_KEY = 20
 
     def step(self, it: int) -> Dict[str, float]:
         cfg, pool = self.cfg, self.pool
@@ -75,9 +54,7 @@ class DistributionMatching:
         cfg, pool, syn, iwd = self.cfg, self.pool, self.syn, self.iwd
         idx = self.sampler.sample(c, cfg.batch_real).to(self.device)
         w = iwd.batch_weights(idx, self.device) if iwd is not None else None
-        seed = None
-        if self.dsa_strategy:
-            seed = int(torch.randint(0, 2 ** 31 - 1, (), generator=self.aug_gen))
+        seed = self._next_seed()
         x_real = self._augment(pool.images[idx], seed)
         s_c = syn.of_class(c)
         emb_real = net.embed(x_real).detach()

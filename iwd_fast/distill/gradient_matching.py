@@ -8,17 +8,15 @@ already runs is captured to score the batch.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..augment import dsa_augment
 from ..capture import capture
-from ..config import DistillConfig
-from ..hooks import IndexedClassSampler, weighted_cross_entropy
+from ..hooks import weighted_cross_entropy
 from ..targets import implicit_direction, matching_direction
-from .common import IWDState, RealPool, SyntheticSet, build_net, maybe, mix_seed
+from .common import Distiller, build_net, maybe, mix_seed
 
 __all__ = ["layerwise_distance", "GradientMatching"]
 
@@ -36,34 +34,10 @@ def layerwise_distance(gw_syn: Sequence[torch.Tensor], gw_real: Sequence[torch.T
     return total
 
 
-class GradientMatching:
+class GradientMatching(Distiller):
     """One DC/DSA run's state; ``step(it)`` performs one outer iteration and returns its metrics."""
 
-    def __init__(self, cfg: DistillConfig, pool: RealPool, syn: SyntheticSet, iwd: Optional[IWDState],
-                 dsa_strategy: Optional[str], device):
-        self.cfg, self.pool, self.syn, self.iwd = cfg, pool, syn, iwd
-        self.dsa_strategy = dsa_strategy
-        self.device = device
-        self.opt_img = torch.optim.SGD(syn.parameters(), lr=cfg.lr_img, momentum=cfg.momentum_img)
-        self.sampler = IndexedClassSampler(pool.labels.cpu(), pool.num_classes, seed=mix_seed(cfg.seed, 11))
-        self.aug_gen = torch.Generator().manual_seed(mix_seed(cfg.seed, 12))
-
-    def state_dict(self) -> Dict:
-        return {"opt_img": self.opt_img.state_dict(), "sampler": self.sampler.state_dict(),
-                "aug_gen": self.aug_gen.get_state()}
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.opt_img.load_state_dict(state["opt_img"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.aug_gen.set_state(state["aug_gen"])
-
-    def _augment(self, x: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
-        return x if seed is None else dsa_augment(x, self.dsa_strategy, seed=seed)
-
-    def _next_seed(self) -> Optional[int]:
-        if not self.dsa_strategy:
-            return None
-        return int(torch.randint(0, 2 ** 31 - 1, (), generator=self.aug_gen))
+    SEED_KEY = 10
 
     def step(self, it: int) -> Dict[str, float]:
         cfg, pool = self.cfg, self.pool
