@@ -12,7 +12,7 @@ backend with the same signatures). Rules never run a layer's parameters through 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Type
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -226,6 +226,3 @@ def _forward_is_torchs(module: nn.Module) -> bool:
     owner = next(c for c in type(module).__mro__ if "forward" in c.__dict__)
     return owner.__module__.startswith("torch.nn.modules")
 
-
-def rule_types() -> Dict[str, Type[nn.Module]]:
-    return {t.__name__: t for t in SUPPORTED_TYPES}
