@@ -198,23 +198,10 @@ def make_plan(args) -> Plan:
         micro = dict(b=256, c=128, hw=32)
         dtypes = {"cuda": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
                   "triton": (torch.float32, torch.float16, torch.bfloat16)}
-    reasons = impl_reasons(device)
+    reasons = harness.impl_reasons(device)
     hooks = [i for i in _dispatch.HOOK_IMPLS if reasons[i] is None]
     return Plan("cpu-smoke" if smoke else "gpu", device, ref_device, models, timing, micro, dtypes, hooks, skip,
                 args.k)
-
-
-def impl_reasons(device: torch.device) -> Dict[str, Optional[str]]:
-    """availability(device), a backend that fails to import counted as unavailable with the reason."""
-    out = {}
-    for impl in _dispatch.IMPLS:
-        if impl == "auto":
-            continue
-        try:
-            out[impl] = _dispatch.why_not(impl, device)
-        except Exception as exc:  # noqa: BLE001
-            out[impl] = f"{type(exc).__name__}: {exc}"
-    return out
 
 
 class Report:
@@ -690,7 +677,7 @@ def time_conv_micro(rep: Report, tf32_pass: bool) -> None:
     tf = " (TF32 on)" if tf32_pass else ""
     rows = {}
     if not tf32_pass:
-        reasons = impl_reasons(dev)
+        reasons = harness.impl_reasons(dev)
         compiled = "cuda" if dev.type == "cuda" else "cpu"
         kern = None
         if reasons["triton"] is None:
@@ -735,7 +722,7 @@ def time_model(rep: Report, key: str, spec: dict, quick: bool) -> None:
                          3 if family == "convnet" else 0, spec["norm"], repeats=2)
     rep.header(f"timing: {key} (B={spec['batch']}, width {spec['width']}, float32, K={plan.k}, TF32 off)")
     inp = gp.make_inputs(mspec, plan.k, 0, dev)
-    reasons = dict(gp.impl_reasons(dev))
+    reasons = dict(harness.impl_reasons(dev))
     reasons.update({i: why for i, why in plan.skip.get("timing", {}).items() if reasons.get(i) is None})
     paths = [p for p in gp.build_paths(inp, reasons, anchors=True) if not (quick and p.kind == "capture_norm")]
     rows = {p.name: _time(rep, "model", p.name, p.fn, None if p.status == "ok" else (p.reason or p.status),
@@ -808,7 +795,7 @@ def environment(plan: Plan, kernels_note: Optional[str]) -> dict:
 
     env = harness.environment(plan.device)
     env["mode"] = plan.mode
-    env["availability"] = {str(d): {k: ("ok" if w is None else w) for k, w in impl_reasons(d).items()}
+    env["availability"] = {str(d): {k: ("ok" if w is None else w) for k, w in harness.impl_reasons(d).items()}
                            for d in {plan.device, torch.device("cpu")}}
     env["extension"] = {k: list(v) for k, v in _ext.status().items()}
     env["kernels_module"] = kernels_note or "installed"

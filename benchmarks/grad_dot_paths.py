@@ -108,17 +108,7 @@ def _api_directions(v_stack: dict, k: int) -> dict:
     return {n: t[0] for n, t in v_stack.items()} if k == 1 else v_stack
 
 
-def impl_reasons(device: torch.device) -> Dict[str, Optional[str]]:
-    """availability(device), with an import failure of a backend reported as that backend's reason."""
-    out = {}
-    for impl in _dispatch.IMPLS:
-        if impl == "auto":
-            continue
-        try:
-            out[impl] = _dispatch.why_not(impl, device)
-        except Exception as err:  # noqa: BLE001 - a backend being built right now may not import yet
-            out[impl] = f"{type(err).__name__}: {err}"
-    return out
+impl_reasons = harness.impl_reasons  # shared with gpu_check.py
 
 
 # ----------------------------------------------------------------------------------------- paths

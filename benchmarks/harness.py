@@ -335,3 +335,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def impl_reasons(device: torch.device) -> Dict[str, Optional[str]]:
+    """{impl: None if usable else why} for every concrete impl; a backend failing to import is unavailable."""
+    from iwd_fast import _dispatch
+
+    out = {}
+    for impl in _dispatch.IMPLS:
+        if impl == "auto":
+            continue
+        try:
+            out[impl] = _dispatch.why_not(impl, device)
+        except Exception as err:  # noqa: BLE001 - report any backend failure as its reason
+            out[impl] = f"{type(err).__name__}: {err}"
+    return out
