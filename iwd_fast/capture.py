@@ -92,9 +92,8 @@ class Capture:
         if st["ops"] is None:
             concrete = _dispatch.auto_hook_impl(rec.x.device) if st["impl"] == "auto" else st["impl"]
             st["ops"] = _dispatch.layer_ops(concrete, rec.x.device)
-        owner, v = st["by_module"][id(call.module)]
-        dtype = rec.x.dtype if rec.x.is_floating_point() else rec.delta.dtype
-        term = rule_for(call.module).dot(call.module, rec, {k: t.to(dtype) for k, t in v.items()}, st["ops"])
+        _, v = st["by_module"][id(call.module)]
+        term = _call_dot(call.module, rec, v, st["ops"])
         st["total"] = term if st["total"] is None else st["total"] + term
         rec.x, rec.delta, call.streamed = None, None, True
 
@@ -135,11 +134,9 @@ class Capture:
         ops, scale = self._prepare(impl, sample_weights)
         total = None
         for owner, pairs in grouped.values():
-            rule = rule_for(owner.module)
             v = {local: stacked.tensors[name] for name, local in pairs}
             for rec in self._records(owner):
-                dtype = rec.x.dtype if rec.x.is_floating_point() else rec.delta.dtype
-                term = rule.dot(owner.module, self._rescaled(rec, scale), {k: t.to(dtype) for k, t in v.items()}, ops)
+                term = _call_dot(owner.module, self._rescaled(rec, scale), v, ops)
                 total = term if total is None else total + term
         return total[:, 0] if stacked.single else total
 
@@ -232,6 +229,12 @@ class Capture:
             return rec
         shape = (-1,) + (1,) * (rec.delta.dim() - 1)
         return Record(rec.x, rec.delta * scale.to(rec.delta.dtype).reshape(shape))
+
+
+def _call_dot(module: nn.Module, rec: Record, v, ops) -> torch.Tensor:
+    """[B, K] dot of one recorded call of ``module`` with its directions ``v`` {local name: [K, *shape]}."""
+    dtype = rec.x.dtype if rec.x.is_floating_point() else rec.delta.dtype  # Embedding inputs are indices
+    return rule_for(module).dot(module, rec, {k: t.to(dtype) for k, t in v.items()}, ops)
 
 
 def _inverse_sample_weights(sample_weights: SampleWeights, batch: int, device) -> Optional[torch.Tensor]:

@@ -10,7 +10,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-
 from .config import DistillConfig
 from .data import DatasetSplits, load_dataset, stratified_subset
 from .distill import run_distillation
