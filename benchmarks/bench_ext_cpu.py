@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import harness  # benchmarks/harness.py, next to this script
-from iwd_fast import _ext, _ops
-from iwd_fast import reference as ref
+from iwd_fast.scoring.backends import compiled_ext as _ext, compiled_ops as _ops
+from iwd_fast.scoring import reference as ref
 
 CPU = torch.device("cpu")
 RESULTS = harness.results_path("ext_cpu")

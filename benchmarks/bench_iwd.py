@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import append_jsonl, environment, markdown_table, results_path  # noqa: E402
 
-from iwd_fast.config import DistillConfig, EvalSpec, NetSpec  # noqa: E402
+from iwd_fast.distill.config import DistillConfig, EvalSpec, NetSpec  # noqa: E402
 from iwd_fast.data import DatasetSplits, load_dataset, stratified_subset  # noqa: E402
-from iwd_fast.distill import run_distillation  # noqa: E402
-from iwd_fast.presets import preset_config  # noqa: E402
+from iwd_fast.app.distill_job import run_distillation  # noqa: E402
+from iwd_fast.app.presets import preset_config  # noqa: E402
 
 # name -> (weighting, IWDSpec changes)
 VARIANTS: Dict[str, tuple] = {

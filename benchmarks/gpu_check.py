@@ -81,7 +81,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import harness  # noqa: E402
 import iwd_fast  # noqa: E402
-from iwd_fast import _dispatch, _ops, reference  # noqa: E402
+from iwd_fast.scoring import dispatch as _dispatch, reference  # noqa: E402
+from iwd_fast.scoring.backends import compiled_ops as _ops  # noqa: E402
 from iwd_fast.networks import build_network  # noqa: E402
 
 U32 = 2.0 ** -24
@@ -791,7 +792,7 @@ def print_tables(rep: Report) -> None:
 
 
 def environment(plan: Plan, kernels_note: Optional[str]) -> dict:
-    from iwd_fast import _ext
+    from iwd_fast.scoring.backends import compiled_ext as _ext
 
     env = harness.environment(plan.device)
     env["mode"] = plan.mode

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import harness
 import iwd_fast
-from iwd_fast import _dispatch
+from iwd_fast.scoring import dispatch as _dispatch
 from iwd_fast.networks import build_network
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -339,7 +339,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 def impl_reasons(device: torch.device) -> Dict[str, Optional[str]]:
     """{impl: None if usable else why} for every concrete impl; a backend failing to import is unavailable."""
-    from iwd_fast import _dispatch
+    from iwd_fast.scoring import dispatch as _dispatch
 
     out = {}
     for impl in _dispatch.IMPLS:

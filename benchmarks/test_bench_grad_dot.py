@@ -17,7 +17,7 @@ pytest.importorskip("pytest_benchmark")
 
 import harness  # noqa: E402 - benchmarks/ is on sys.path when pytest collects this file
 import iwd_fast  # noqa: E402
-from iwd_fast import _dispatch  # noqa: E402
+from iwd_fast.scoring import dispatch as _dispatch  # noqa: E402
 from iwd_fast.networks import build_network  # noqa: E402
 
 GROUP = "convnet-small"

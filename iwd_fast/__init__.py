@@ -2,15 +2,12 @@
 
 Core operation: ``grad_dot(model, x, y, directions)`` -> s_i = <grad_theta loss_i, v> without
 materialising per-sample gradients, and ``capture(model)`` to get the same from a backward the caller
-already runs. See README.md.
+already runs. Layers: ``scoring`` (the engine) <- ``weighting`` (the method) <- ``distill`` (the
+distillers) <- ``app`` (command line and jobs); see docs/DESIGN.md.
 """
-from .capture import Capture, capture
-from .scoring import grad_dot, grad_norm_sq
-from ._dispatch import IMPLS, ImplUnavailableError
-from .layer_rules import UnsupportedLayerError
-from .weighting import InfluenceWeighter, sign_for
-from .hooks import IndexedClassSampler, select_initial, weighted_class_mean, weighted_cross_entropy
-from . import hooks, weighting
+from .scoring import IMPLS, Capture, ImplUnavailableError, UnsupportedLayerError, capture, grad_dot, grad_norm_sq
+from .weighting import (IndexedClassSampler, InfluenceWeighter, select_initial, sign_for, weighted_class_mean,
+                        weighted_cross_entropy)
 
 __version__ = "0.1.0"
 

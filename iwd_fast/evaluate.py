@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .augment import default_strategy, dsa_augment
-from .config import EvalSpec, NetSpec
+from .data.augment import default_strategy, dsa_augment
+from .distill.config import EvalSpec, NetSpec
 from .data import ImageSet
 from .networks import build_network
 

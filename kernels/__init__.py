@@ -14,7 +14,7 @@ Launchers:
 """
 from .affine_dot import affine_dot
 from .conv_dot import conv2d_dot
-from .grad_norm import linear_grad_norm_sq
+from .linear_grad_norm_sq import linear_grad_norm_sq
 from .linear_dot import linear_dot
 from ._common import is_interpreted
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from iwd_fast import evaluate as ev
-from iwd_fast.config import EvalSpec, NetSpec
+from iwd_fast.distill.config import EvalSpec, NetSpec
 from iwd_fast.data import from_tensors
 
 NET = NetSpec(name="convnet", width=8, depth=3, norm="instancenorm")

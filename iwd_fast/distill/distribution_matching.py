@@ -14,10 +14,10 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from ..capture import capture
-from ..hooks import weighted_class_mean
-from ..targets import implicit_direction, matching_direction
-from .common import Distiller, build_net, mix_seed
+from ..scoring import capture
+from ..weighting.dropin import weighted_class_mean
+from ..weighting.targets import implicit_direction, matching_direction
+from .base import Distiller, build_net, mix_seed
 
 __all__ = ["DistributionMatching"]
 

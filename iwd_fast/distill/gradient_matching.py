@@ -13,10 +13,10 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..capture import capture
-from ..hooks import weighted_cross_entropy
-from ..targets import implicit_direction, matching_direction
-from .common import Distiller, build_net, maybe, mix_seed
+from ..scoring import capture
+from ..weighting.dropin import weighted_cross_entropy
+from ..weighting.targets import implicit_direction, matching_direction
+from .base import Distiller, build_net, maybe, mix_seed
 
 __all__ = ["layerwise_distance", "GradientMatching"]
 

@@ -1,0 +1,205 @@
+"""A whole distillation run: data, label noise, held-out split, initialisation, the loop, evaluation,
+and the run folder (config, versions, metrics, synthetic set, weights, timing, plots). Resumable."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.augment import default_strategy
+from ..distill.config import DistillConfig, EvalSpec
+from ..data import DatasetSplits, add_label_noise, load_dataset, stratified_split
+from ..evaluate import evaluate_synthetic, resolve_device, train_network
+from ..weighting.dropin import select_initial
+from ..scoring import grad_dot, grad_norm_sq
+from ..weighting.targets import validation_gradient
+from ..weighting.weighter import InfluenceWeighter, auroc, sign_for
+from ..distill.base import IWDState, PhaseTimer, RealPool, SyntheticSet, build_net, mix_seed
+from ..distill import METHODS
+
+__all__ = ["run_distillation", "prepare_pool", "initial_indices"]
+
+CHECKPOINT_EVERY = 50  # iterations
+
+
+def prepare_pool(cfg: DistillConfig, splits: DatasetSplits, device) -> RealPool:
+    """Noisy labels (seeded, flips recorded) and the stratified held-out split; the same for weighted and
+    unweighted runs of one seed, so they are paired."""
+    train = splits.train
+    labels, flipped = train.labels.clone(), torch.zeros(len(train), dtype=torch.bool)
+    if cfg.noise > 0:
+        labels, flipped = add_label_noise(train.labels, cfg.noise, cfg.noise_kind, train.num_classes,
+                                          seed=mix_seed(cfg.seed, 1))
+    frac = cfg.iwd.heldout_fraction
+    if frac > 0:
+        keep, held = stratified_split(labels, frac, seed=mix_seed(cfg.seed, 2))
+    else:
+        keep, held = torch.arange(len(train)), torch.zeros(0, dtype=torch.long)
+    if cfg.weighting == "iwd" and cfg.iwd.influence == "validation" and held.numel() == 0:
+        raise ValueError("influence target 'validation' needs a held-out split: set iwd.heldout_fraction > 0")
+    return RealPool(images=train.images[keep].to(device), labels=labels[keep].to(device), flipped=flipped[keep],
+                    num_classes=train.num_classes, heldout_images=train.images[held].to(device),
+                    heldout_labels=labels[held].to(device), source_indices=keep)
+
+
+def warmup_scores(cfg: DistillConfig, pool: RealPool, device, target: str) -> torch.Tensor:
+    """Raw scores [n] of every pool instance at a network trained ``warmup_steps`` steps on the pool."""
+    net = build_net(cfg.net, pool, mix_seed(cfg.seed, 3), device)
+    spec = EvalSpec(num_nets=1, epochs=1, lr=cfg.lr_net, batch_size=256, dsa=False)
+    train_network(net, pool.images, pool.labels, spec, mix_seed(cfg.seed, 4), None, device,
+                  steps=max(1, cfg.iwd.warmup_steps))
+    net.eval()
+    if target == "validation":
+        params = [p for _, p in net.named_parameters()]
+        v = validation_gradient(net, pool.heldout_images, pool.heldout_labels, params, scale=cfg.lr_net)
+        dirs = {n: t for (n, _), t in zip(net.named_parameters(), v)}
+        return grad_dot(net, pool.images, pool.labels, dirs, chunk_size=512)
+    return grad_norm_sq(net, pool.images, pool.labels, chunk_size=512)
+
+
+def initial_indices(cfg: DistillConfig, pool: RealPool, device, timer: PhaseTimer) -> Dict[str, Any]:
+    """Pool indices [C * ipc] of the real images that initialise the synthetic set, plus a report.
+
+    "random": uniform per class. "weighted"/"proportional": a warm-up network scores the pool with
+    ``iwd.init_influence`` (self-influence by default: it flags flipped labels best at a trained network,
+    SCIENCE.md section 2; explicit and implicit scores need a synthetic set, which does not exist yet);
+    then the highest-weight instances of each class ("weighted") or a draw in proportion to the weights.
+    """
+    mode = cfg.iwd.init
+    if mode == "random" or cfg.weighting == "none":
+        idx = select_initial(pool.labels.cpu(), None, pool.num_classes, cfg.ipc, "random", mix_seed(cfg.seed, 5))
+        return {"indices": idx, "init": "random"}
+    if mode not in ("weighted", "proportional"):
+        raise ValueError(f"iwd.init must be random, weighted or proportional, got {mode!r}")
+    target = cfg.iwd.init_influence
+    if target not in ("self", "validation"):
+        raise ValueError(f"iwd.init_influence must be 'self' or 'validation', got {target!r}")
+    with timer.phase("init scoring"):
+        raw = warmup_scores(cfg, pool, device, target).detach().cpu()
+    weighter = InfluenceWeighter(pool.labels.cpu(), pool.num_classes, temperature=cfg.iwd.temperature,
+                                 ema=0.0, sign=sign_for(target))
+    weighter.update(torch.arange(raw.shape[0]), raw)
+    w = weighter.weights()
+    idx = select_initial(pool.labels.cpu(), w, pool.num_classes, cfg.ipc,
+                         "top" if mode == "weighted" else "proportional", mix_seed(cfg.seed, 5))
+    report = {"indices": idx, "init": f"{mode} ({target} scores after {cfg.iwd.warmup_steps} warm-up steps)"}
+    if pool.flipped.any() and not pool.flipped.all():
+        report["init_auroc_flipped"] = auroc(-w, pool.flipped)
+    return report
+
+
+def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None, out_dir: Optional[str] = None,
+                     progress: bool = True, evaluate: bool = True, checkpoint_every: int = CHECKPOINT_EVERY,
+                     until: Optional[int] = None) -> Dict[str, Any]:
+    """Distil ``cfg.dataset`` with ``cfg.method``; returns a summary dict (also written to the run folder).
+
+    With ``out_dir`` every artefact goes there and a checkpoint is written every ``checkpoint_every``
+    iterations; rerunning with the same folder and config resumes from it, bit for bit. ``until``: stop
+    after that many iterations (checkpointing first) and return {"stopped_at": n}; a later call resumes.
+    """
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; choose from {sorted(METHODS)}")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(mix_seed(cfg.seed, 0))
+    splits = splits if splits is not None else load_dataset(cfg.dataset, root=cfg.data_root)
+    timer = PhaseTimer()
+    run = _open_run(out_dir, cfg)
+    pool = prepare_pool(cfg, splits, device)
+    dsa_strategy = None
+    if cfg.method == "dsa" or cfg.method == "dm":
+        dsa_strategy = default_strategy(cfg.dataset) if cfg.dsa_strategy == "auto" else cfg.dsa_strategy
+    iwd = IWDState.from_config(cfg, pool, timer)  # validates the weighting options before any work
+    with timer.phase("init"):
+        init = initial_indices(cfg, pool, device, timer)
+    syn = SyntheticSet(pool.images[init["indices"].to(device)], pool.num_classes, cfg.ipc)
+    method = METHODS[cfg.method](cfg, pool, syn, iwd, dsa_strategy, device)
+    start, history = 0, []
+    state = run.load_checkpoint() if run is not None else None
+    if state is not None:
+        if state["config"] != cfg.to_dict():
+            raise ValueError(f"{out_dir} holds a checkpoint of a different config; use another --out folder")
+        syn.load_state_dict(state["syn"])
+        method.load_state_dict(state["method"])
+        if iwd is not None:
+            iwd.load_state_dict(state["iwd"])
+        start, history, timer.seconds = state["iteration"], state["history"], state["timing"]
+    init_flipped = float(pool.flipped[init["indices"]].double().mean())
+    stop = cfg.iterations if until is None else min(int(until), cfg.iterations)
+    bar = tqdm(range(start, stop), desc=f"{cfg.method} ipc{cfg.ipc} {cfg.weighting}", disable=not progress,
+               initial=start, total=cfg.iterations)
+    for it in bar:
+        with timer.phase("distilling"):
+            metrics = method.step(it)
+        record = {"iteration": it + 1, **metrics}
+        if iwd is not None:
+            record.update(iwd.report(pool.flipped))
+        if evaluate and cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
+            with timer.phase("evaluating"):
+                ev = _evaluate(cfg, syn, splits, dsa_strategy, device)
+            record.update(acc_mean=ev["mean"], acc_std=ev["std"])
+        history.append(record)
+        if run is not None:
+            run.log(record)
+            if ((it + 1) % checkpoint_every == 0 or it + 1 == stop) and it + 1 < cfg.iterations:
+                run.checkpoint({"config": cfg.to_dict(), "iteration": it + 1, "syn": syn.state_dict(),
+                                "method": method.state_dict(), "history": history, "timing": dict(timer.seconds),
+                                "iwd": iwd.state_dict() if iwd is not None else None})
+        bar.set_postfix(loss=f"{metrics['match_loss']:.3f}")
+    if stop < cfg.iterations:
+        return {"stopped_at": stop}
+    summary: Dict[str, Any] = {"config": cfg.to_dict(), "init": init["init"], "init_flipped_share": init_flipped}
+    if "init_auroc_flipped" in init:
+        summary["init_auroc_flipped"] = init["init_auroc_flipped"]
+    if iwd is not None:
+        summary.update(iwd.report(pool.flipped))
+    if evaluate:
+        with timer.phase("evaluating"):
+            ev = _evaluate(cfg, syn, splits, dsa_strategy, device)
+        summary["accuracy"] = ev
+        history.append({"iteration": cfg.iterations, "acc_mean": ev["mean"], "acc_std": ev["std"]})
+    summary["timing_seconds"] = dict(timer.seconds)
+    loop = timer.seconds.get("distilling", 0.0) + timer.seconds.get("scoring", 0.0)
+    summary["scoring_share_of_loop"] = timer.seconds.get("scoring", 0.0) / loop if loop else 0.0
+    if run is not None:
+        _write_outputs(run, cfg, summary, syn, iwd, pool, splits, history)
+    summary["synthetic"] = {"images": syn.images.detach().cpu(), "labels": syn.labels.cpu()}
+    summary["weights"] = iwd.weighter.weights() if iwd is not None else None
+    return summary
+
+
+def _evaluate(cfg, syn, splits, dsa_strategy, device):
+    return evaluate_synthetic(syn.images.detach(), syn.labels, splits.test, cfg.eval, cfg.net,
+                              seed=mix_seed(cfg.seed, 7), dsa_strategy=dsa_strategy or "auto", device=device,
+                              progress=False)
+
+
+def _open_run(out_dir, cfg):
+    if out_dir is None:
+        return None
+    from .run_folder import RunFolder
+
+    run = RunFolder(out_dir)
+    run.write_config(cfg)
+    run.write_env()
+    return run
+
+
+def _write_outputs(run, cfg, summary, syn, iwd, pool, splits, history) -> None:
+    from . import plots
+
+    run.save_tensors("synthetic", {"images": syn.images.detach().cpu().contiguous(), "labels": syn.labels.cpu()})
+    train = splits.train
+    plots.plot_synthetic_grid(syn.images.detach().cpu(), syn.labels.cpu(), train.mean, train.std,
+                              run.path / "synthetic.png")
+    if iwd is not None:
+        iwd.weighter.save(str(run.path / "weights.safetensors"))
+        w = iwd.weighter.weights()
+        plots.plot_weight_histogram(w, pool.flipped if pool.flipped.any() else None, run.path / "weights_hist.png")
+        plots.plot_extreme_images(pool.images.cpu(), w, pool.labels.cpu(), train.mean, train.std,
+                                  run.path / "extreme_weights.png")
+    curve = [h for h in history if "acc_mean" in h]
+    if curve:
+        plots.plot_accuracy_curve(curve, run.path / "accuracy.png")
+    run.save_json("timing.json", summary["timing_seconds"])
+    run.save_json("summary.json", summary)

@@ -1,0 +1,262 @@
+"""``capture(model)``: record layer inputs and output gradients during a backward the caller runs.
+
+    with iwd_fast.capture(net) as cap:
+        loss = F.cross_entropy(net(x_real), y_real)          # mean over the batch
+        g_real = torch.autograd.grad(loss, params)            # the DC loop's own backward
+    scores = cap.grad_dot(directions)                         # [B]: <grad loss_i, v>, unweighted
+
+Every forward run inside the ``with`` block counts as part of the differentiated loss (a module called
+twice contributes both calls). Run only the real batch inside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from . import dispatch
+from .params import Directions, group_by_module, param_owners, stack_directions, trainable_parameters
+from .rules import Record, UnsupportedLayerError, rule_for
+
+__all__ = ["Capture", "capture"]
+
+SampleWeights = Union[None, str, torch.Tensor]
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    record: Record
+    output: Optional[torch.Tensor]  # dropped once its gradient has arrived
+    version: int
+    streamed: bool = False
+
+
+class Capture:
+    """Context manager recording (input, output gradient) of every supported layer of ``model``.
+
+    Output gradients are caught by tensor hooks during any backward run after the forward
+    (``loss.backward()`` or ``torch.autograd.grad``), so the caller's own backward feeds the scores.
+
+    Streaming: with ``directions`` given up front, each layer's dot is computed inside the backward as
+    soon as its output gradient arrives, and the layer's input and gradient are released at once, so
+    the capture adds about one layer's temporaries to the peak memory instead of every layer's
+    gradient. Read the scores with ``grad_dot()`` (no directions) after the backward.
+    """
+
+    def __init__(self, model: nn.Module, directions: Optional[Directions] = None, impl: str = "auto"):
+        self.model = model
+        self.calls: List[_Call] = []
+        self._handles: list = []
+        self._stream = None
+        if directions is not None:
+            stacked = stack_directions(model, directions)
+            grouped = self._modules_for(list(stacked.tensors))
+            by_module = {mid: (owner, {local: stacked.tensors[name] for name, local in pairs})
+                         for mid, (owner, pairs) in grouped.items()}
+            self._stream = {"stacked": stacked, "by_module": by_module, "impl": impl, "ops": None, "total": None}
+
+    # ---------------------------------------------------------------- recording
+    def __enter__(self) -> "Capture":
+        self.calls = []
+        for module in self.model.modules():
+            if rule_for(module) is not None and any(True for _ in module.parameters(recurse=False)):
+                self._handles.append(module.register_forward_hook(self._on_forward))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _on_forward(self, module: nn.Module, inputs, output) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        call = _Call(module, Record(x=inputs[0].detach()), output, output._version)
+        self.calls.append(call)
+
+        def keep(grad: torch.Tensor, call: _Call = call) -> None:
+            rec = call.record
+            rec.delta = grad.detach() if rec.delta is None else rec.delta + grad.detach()
+            call.output = None
+            if self._stream is not None and id(call.module) in self._stream["by_module"]:
+                self._consume(call)
+
+        output.register_hook(keep)
+
+    def _consume(self, call: _Call) -> None:
+        """Streaming: fold this call's dot into the running total and release its tensors."""
+        st, rec = self._stream, call.record
+        if st["ops"] is None:
+            concrete = dispatch.auto_hook_impl(rec.x.device) if st["impl"] == "auto" else st["impl"]
+            st["ops"] = dispatch.layer_ops(concrete, rec.x.device)
+        _, v = st["by_module"][id(call.module)]
+        term = _call_dot(call.module, rec, v, st["ops"])
+        st["total"] = term if st["total"] is None else st["total"] + term
+        rec.x, rec.delta, call.streamed = None, None, True
+
+    def differentiable_targets(self) -> List[torch.Tensor]:
+        """The cheapest tensors to differentiate a loss with respect to so that every hook fires.
+
+        The recorded outputs themselves (no parameter-gradient work) unless one was modified in place
+        after its layer ran, in which case the parameters of the recorded modules.
+        """
+        if all(c.output is not None and c.output._version == c.version for c in self.calls):
+            return [c.output for c in self.calls]
+        seen, params = set(), []
+        for c in self.calls:
+            for p in c.module.parameters(recurse=False):
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
+    # ---------------------------------------------------------------- queries
+    def grad_dot(self, directions: Optional[Directions] = None, sample_weights: SampleWeights = None,
+                 impl: str = "auto") -> torch.Tensor:
+        """Per-sample <grad_theta loss_i, v_k> of the UNWEIGHTED per-sample losses.
+
+        Args:
+            directions: {param_name: [*shape] or [K, *shape]} or a list of K such dicts; None reads the
+                streamed scores of the directions given to the constructor.
+            sample_weights: the factor each per-sample loss carried in the differentiated loss:
+                None or "mean" (1/B, the default), "sum" (1), or a tensor [B] (e.g. w_i / sum(w)).
+            impl: "auto" | "torch" | "cpu" | "cuda" | "triton".
+        Returns:
+            [B] for one direction, [B, K] for K.
+        """
+        if directions is None:
+            return self._streamed(sample_weights)
+        stacked = stack_directions(self.model, directions)
+        grouped = self._modules_for(list(stacked.tensors))
+        ops, scale = self._prepare(impl, sample_weights)
+        total = None
+        for owner, pairs in grouped.values():
+            v = {local: stacked.tensors[name] for name, local in pairs}
+            for rec in self._records(owner):
+                term = _call_dot(owner.module, self._rescaled(rec, scale), v, ops)
+                total = term if total is None else total + term
+        return total[:, 0] if stacked.single else total
+
+    def grad_norm_sq(self, params: Optional[Sequence[str]] = None, sample_weights: SampleWeights = None,
+                     impl: str = "auto") -> torch.Tensor:
+        """Per-sample ||grad_theta loss_i||^2 over ``params`` (default: every trainable parameter), [B].
+
+        Linear and convolution weights choose per layer between the ghost form and materialising
+        (SCIENCE.md section 3). Tied parameters (one tensor in several modules) are refused.
+        """
+        names = list(params) if params is not None else list(trainable_parameters(self.model))
+        owners = param_owners(self.model)
+        tied = [n for n in names if len(owners.get(n, [])) > 1]
+        if tied:
+            raise UnsupportedLayerError(f"grad_norm_sq: tied parameters {tied} are not supported")
+        grouped = self._modules_for(names)
+        ops, scale = self._prepare(impl, sample_weights)
+        total = None
+        for owner, pairs in grouped.values():
+            recs = [self._rescaled(r, scale) for r in self._records(owner)]
+            term = rule_for(owner.module).norm_sq(owner.module, recs, [local for _, local in pairs], ops)
+            total = term if total is None else total + term
+        return total
+
+    def _streamed(self, sample_weights: SampleWeights) -> torch.Tensor:
+        if self._stream is None:
+            raise ValueError("grad_dot() without directions reads streamed scores: pass directions to capture()")
+        pending = [c for c in self.calls if id(c.module) in self._stream["by_module"] and not c.streamed]
+        if not self.calls or pending or self._stream["total"] is None:
+            names = sorted({o.module_name or "<root>" for o, _ in self._stream["by_module"].values()})
+            raise RuntimeError(f"no gradient reached the outputs of {names}: run the forward and the backward of "
+                               "the real-batch loss inside the capture block")
+        total = self._stream["total"]
+        scale = _inverse_sample_weights(sample_weights, total.shape[0], total.device)
+        if scale is not None:
+            total = total * scale.to(total.dtype).unsqueeze(1)
+        return total[:, 0] if self._stream["stacked"].single else total
+
+    # ---------------------------------------------------------------- helpers
+    def _modules_for(self, names: Sequence[str]):
+        grouped = group_by_module(names, param_owners(self.model))
+        for owner, pairs in grouped.values():
+            rule = rule_for(owner.module)
+            label = owner.module_name or "<root>"
+            if rule is None:
+                raise UnsupportedLayerError(
+                    f"module {label!r} ({type(owner.module).__name__}) holds parameters {[n for n, _ in pairs]} "
+                    "but has no per-layer rule; use impl='jvp' or impl='reference' through iwd_fast.grad_dot")
+            rule.check(label, owner.module)
+        return grouped
+
+    def _records(self, owner) -> List[Record]:
+        calls = [c for c in self.calls if c.module is owner.module]
+        recs = [c.record for c in calls]
+        label = owner.module_name or "<root>"
+        if any(c.streamed for c in calls):
+            raise RuntimeError(f"module {label!r}: this capture streamed its dots and released the layer's tensors; "
+                               "call grad_dot() without directions, or capture without directions")
+        if not recs:
+            raise RuntimeError(f"module {label!r} was not called with gradients enabled inside the capture block")
+        missing = [i for i, r in enumerate(recs) if r.delta is None]
+        if missing:
+            raise RuntimeError(f"no gradient reached the output of module {label!r} (calls {missing}): run the "
+                               "backward of the real-batch loss before querying the capture")
+        batches = {c.record.x.shape[0] for c in self.calls if c.record.x is not None}
+        if len(batches) > 1:
+            raise RuntimeError(f"the capture recorded calls with different batch sizes {sorted(batches)}: "
+                               "run only one batch's forward inside the capture block")
+        return recs
+
+    def _prepare(self, impl: str, sample_weights: SampleWeights):
+        if not self.calls:
+            raise RuntimeError("nothing was captured: run the forward and backward inside `with capture(model)`")
+        if impl in ("reference", "jvp"):
+            raise dispatch.ImplUnavailableError(
+                f"impl={impl!r} recomputes the model and cannot work from captured tensors; use "
+                "iwd_fast.grad_dot(model, inputs, targets, ..., impl=...) instead")
+        first = next((c.record.x for c in self.calls if c.record.x is not None), None)
+        if first is None:
+            raise RuntimeError("this capture streamed its dots and released every layer's tensors; call grad_dot() "
+                               "without directions")
+        device, batch = first.device, first.shape[0]
+        concrete = dispatch.auto_hook_impl(device) if impl == "auto" else impl
+        ops = dispatch.layer_ops(concrete, device)
+        return ops, _inverse_sample_weights(sample_weights, batch, device)
+
+    @staticmethod
+    def _rescaled(rec: Record, scale: Optional[torch.Tensor]) -> Record:
+        if scale is None:
+            return rec
+        shape = (-1,) + (1,) * (rec.delta.dim() - 1)
+        return Record(rec.x, rec.delta * scale.to(rec.delta.dtype).reshape(shape))
+
+
+def _call_dot(module: nn.Module, rec: Record, v, ops) -> torch.Tensor:
+    """[B, K] dot of one recorded call of ``module`` with its directions ``v`` {local name: [K, *shape]}."""
+    dtype = rec.x.dtype if rec.x.is_floating_point() else rec.delta.dtype  # Embedding inputs are indices
+    return rule_for(module).dot(module, rec, {k: t.to(dtype) for k, t in v.items()}, ops)
+
+
+def _inverse_sample_weights(sample_weights: SampleWeights, batch: int, device) -> Optional[torch.Tensor]:
+    """[B] factors that turn captured output gradients into those of the unweighted per-sample losses."""
+    if sample_weights is None or (isinstance(sample_weights, str) and sample_weights == "mean"):
+        return torch.full((batch,), float(batch), device=device, dtype=torch.float64)
+    if isinstance(sample_weights, str):
+        if sample_weights == "sum":
+            return None
+        raise ValueError(f"sample_weights must be None, 'mean', 'sum' or a tensor [B], got {sample_weights!r}")
+    w = torch.as_tensor(sample_weights, device=device)
+    if w.shape != (batch,):
+        raise ValueError(f"sample_weights must have shape [{batch}], got {tuple(w.shape)}")
+    bad = (~torch.isfinite(w)) | (w == 0)
+    if bad.any():
+        raise ValueError(f"sample_weights must be finite and non-zero (a zero weight hides that sample's gradient); "
+                         f"bad indices: {bad.nonzero().flatten().tolist()[:10]}")
+    return 1.0 / w.to(torch.float64)
+
+
+def capture(model: nn.Module, directions: Optional[Directions] = None, impl: str = "auto") -> Capture:
+    """Record what ``model``'s supported layers see during forward and backward; see :class:`Capture`.
+
+    With ``directions``, the dots are computed during the backward (streaming, lowest memory)."""
+    return Capture(model, directions, impl)

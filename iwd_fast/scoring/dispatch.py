@@ -1,0 +1,107 @@
+"""Implementation selection: which backend computes the layer products, and why others cannot.
+
+impl values:
+  "reference"  torch.func vmap(grad): materialises per-sample gradients (the oracle; model level)
+  "jvp"        torch.func.jvp forward mode (model level; any layer, train-mode BatchNorm included)
+  "torch"      hooks + eager per-layer formulas (reference.py)
+  "cpu"        hooks + compiled C++ ops (iwd_fast._C, CPU tensors)
+  "cuda"       hooks + compiled CUDA ops (iwd_fast._C built with CUDA, CUDA tensors)
+  "triton"     hooks + Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
+  "auto"       CPU tensors: cpu, then torch. CUDA tensors: triton, then cuda, then torch.
+               (functional grad_dot: jvp when a layer is outside the hook path, with a warning)
+
+An explicitly requested impl never falls back: if it cannot run, ImplUnavailableError lists why.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Dict, Optional
+
+import torch
+
+from . import reference
+
+__all__ = ["IMPLS", "HOOK_IMPLS", "ImplUnavailableError", "why_not", "layer_ops", "auto_hook_impl", "availability"]
+
+IMPLS = ("auto", "reference", "jvp", "torch", "cpu", "cuda", "triton")
+HOOK_IMPLS = ("torch", "cpu", "cuda", "triton")
+AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+
+
+class ImplUnavailableError(RuntimeError):
+    """The requested implementation cannot run here; the message says why."""
+
+
+def _torch_ops():
+    return SimpleNamespace(
+        conv_dot=reference.conv_dot,
+        linear_dot=reference.linear_dot,
+        affine_dot=reference.affine_dot,
+        linear_grad_norm_sq=reference.linear_grad_norm_sq,
+    )
+
+
+def why_not(impl: str, device: torch.device) -> Optional[str]:
+    """None if ``impl`` can run on tensors of ``device``, else a one-line reason."""
+    if impl not in IMPLS:
+        return f"unknown impl {impl!r}; choose from {IMPLS}"
+    if impl in ("auto", "reference", "jvp", "torch"):
+        return None
+    if impl in ("cpu", "cuda"):
+        from .backends import compiled_ext as _ext
+
+        ok, reason = _ext.status()[impl]
+        if not ok:
+            return reason
+        if device.type != impl:
+            return f"impl={impl!r} runs on {impl} tensors, got tensors on {device.type}"
+        return None
+    from .backends import triton_ops as _triton_ops
+
+    ok, reason = _triton_ops.available()
+    if not ok:
+        return reason
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is imported) for CPU tensors"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton does not run on {device.type} tensors"
+    return None
+
+
+def availability(device: torch.device) -> Dict[str, Optional[str]]:
+    """{impl: None if usable else the reason} for every concrete impl."""
+    return {impl: why_not(impl, device) for impl in IMPLS if impl != "auto"}
+
+
+def auto_hook_impl(device: torch.device) -> str:
+    """The first usable hook impl for ``device`` in AUTO_ORDER."""
+    for impl in AUTO_ORDER.get(device.type, ("torch",)):
+        if why_not(impl, device) is None:
+            return impl
+    return "torch"
+
+
+def require(impl: str, device: torch.device) -> None:
+    reason = why_not(impl, device)
+    if reason is not None:
+        table = "; ".join(f"{k}: {'ok' if v is None else v}" for k, v in availability(device).items())
+        raise ImplUnavailableError(f"impl={impl!r} cannot run: {reason}. Backends here: {table}")
+
+
+def layer_ops(impl: str, device: torch.device) -> SimpleNamespace:
+    """Backend namespace (conv_dot, linear_dot, affine_dot, linear_grad_norm_sq) for a hook impl."""
+    if impl not in HOOK_IMPLS:
+        raise ImplUnavailableError(f"impl={impl!r} is not a per-layer backend; choose from {HOOK_IMPLS}")
+    require(impl, device)
+    if impl == "torch":
+        return _torch_ops()
+    if impl in ("cpu", "cuda"):
+        from .backends import compiled_ops as _ops
+
+        return SimpleNamespace(conv_dot=_ops.conv_dot, linear_dot=_ops.linear_dot,
+                               affine_dot=_ops.affine_dot, linear_grad_norm_sq=_ops.linear_grad_norm_sq)
+    from .backends import triton_ops as t
+
+    return SimpleNamespace(conv_dot=t.conv2d_dot, linear_dot=t.linear_dot, affine_dot=t.affine_dot,
+                           linear_grad_norm_sq=t.linear_grad_norm_sq)
