@@ -9,6 +9,7 @@ draws) comes from seeds derived from the run seed; nothing is seeded from the cl
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import time
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -18,28 +19,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data.augment import default_strategy, dsa_augment
-from .distill.config import EvalSpec, NetSpec
 from .data import ImageSet
-from .networks import build_network
+from .data.augment import default_strategy, dsa_augment
+from .networks import NetSpec, build_network
+from .runtime import TrainingStream, mix_seed, resolve_device
 
-__all__ = ["evaluate_synthetic", "train_network", "test_accuracy", "build_eval_network", "resolve_device",
+__all__ = ["EvalSpec", "evaluate_synthetic", "train_network", "test_accuracy", "build_eval_network",
            "describe_protocol", "FIELD_NET"]
+
+
+@dataclass
+class EvalSpec:
+    """Evaluation protocol (SCIENCE.md section 5): train ``num_nets`` fresh networks on the synthetic set."""
+
+    num_nets: int = 5
+    epochs: int = 300           # 1000 with DSA augmentation in the field's protocol
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    dsa: bool = True            # augment synthetic images while training the evaluation networks
+    net: Optional[NetSpec] = None  # None: the distillation network
+
 
 FIELD_NET = NetSpec(name="convnet", width=128, depth=3, norm="instancenorm")
 _FIELD_EPOCHS = {True: 1000, False: 300}  # with / without DSA
-
-
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """"auto" or None -> cuda when available, else cpu; anything else goes to ``torch.device``."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _mix(*keys: int) -> int:
-    """A deterministic 31-bit seed from integer keys (platform independent; keys taken modulo 2**64)."""
-    return int(np.random.SeedSequence([int(k) % 2 ** 64 for k in keys]).generate_state(1)[0] >> 1)
 
 
 def build_eval_network(net_spec: NetSpec, channels: int, num_classes: int, im_size: Tuple[int, int],
@@ -98,8 +102,8 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, sp
         total, decay_at = epochs * per_epoch, ((epochs + 1) // 2) * per_epoch
     else:
         total, decay_at = int(steps), (int(steps) + 1) // 2
-    shuffle_gen = torch.Generator().manual_seed(_mix(seed, 1))
-    dsa_gen = torch.Generator().manual_seed(_mix(seed, 2))
+    shuffle_gen = torch.Generator().manual_seed(mix_seed(seed, TrainingStream.SHUFFLE))
+    dsa_gen = torch.Generator().manual_seed(mix_seed(seed, TrainingStream.AUGMENT))
     net.to(device).train()
     opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum,
                           weight_decay=spec.weight_decay)

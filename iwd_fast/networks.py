@@ -8,12 +8,13 @@ default initialisation, so ``torch.manual_seed`` fixes the weights and per-sampl
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["ConvNet", "MLP", "BasicBlock", "ResNet", "resnet10", "resnet18", "build_network",
+__all__ = ["NetSpec", "ConvNet", "MLP", "BasicBlock", "ResNet", "resnet10", "resnet18", "build_network",
            "make_norm", "NETWORK_NAMES", "NORMS"]
 
 NORMS = ("instancenorm", "batchnorm", "groupnorm", "layernorm", "none")
@@ -22,6 +23,16 @@ _ACTS = {"relu": nn.ReLU, "leakyrelu": lambda: nn.LeakyReLU(0.01), "sigmoid": nn
 _POOLS = ("avgpool", "maxpool", "none")
 
 Size = Union[int, Sequence[int]]
+
+
+@dataclass
+class NetSpec:
+    """Network used for distillation and evaluation (see :func:`build_network`)."""
+
+    name: str = "convnet"
+    width: int = 128
+    depth: int = 3
+    norm: str = "instancenorm"
 
 
 def _pair(im_size: Size) -> Tuple[int, int]:

@@ -123,7 +123,7 @@ def _print_summary(summary, out) -> None:
 def _evaluate(args) -> int:
     from ..distill.config import DistillConfig
     from ..data import load_dataset
-    from ..distill.base import mix_seed
+    from ..runtime import Stream, mix_seed
     from ..evaluate import evaluate_synthetic
     from .run_folder import RunFolder
 
@@ -140,7 +140,7 @@ def _evaluate(args) -> int:
         spec = dataclasses.replace(spec, net=dataclasses.replace(cfg.net, name=args.net))
     syn = run.load_tensors("synthetic")
     splits = load_dataset(cfg.dataset, root=args.data_root or cfg.data_root, download=args.download)
-    ev = evaluate_synthetic(syn["images"], syn["labels"], splits.test, spec, cfg.net, seed=mix_seed(args.seed, 8),
+    ev = evaluate_synthetic(syn["images"], syn["labels"], splits.test, spec, cfg.net, seed=mix_seed(args.seed, Stream.REEVALUATION),
                             dsa_strategy="auto" if cfg.method in ("dsa", "dm") else None, device=args.device,
                             progress=not args.quiet)
     run.save_json("evaluation.json", ev)

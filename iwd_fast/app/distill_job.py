@@ -8,15 +8,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.augment import default_strategy
-from ..distill.config import DistillConfig, EvalSpec
+from ..distill.config import DistillConfig
 from ..data import DatasetSplits, add_label_noise, load_dataset, stratified_split
-from ..evaluate import evaluate_synthetic, resolve_device, train_network
+from ..evaluate import EvalSpec, evaluate_synthetic, train_network
 from ..weighting.dropin import select_initial
 from ..scoring import grad_dot, grad_norm_sq
 from ..weighting.targets import validation_gradient
-from ..weighting.weighter import InfluenceWeighter, auroc, sign_for
-from ..distill.base import IWDState, PhaseTimer, RealPool, SyntheticSet, build_net, mix_seed
-from ..distill import METHODS
+from ..weighting import InfluenceWeighter, auroc, sign_for
+from ..distill import METHODS, IWDState, RealPool, SyntheticSet
+from ..distill.base import build_net
+from ..runtime import PhaseTimer, Stream, mix_seed, resolve_device
 
 __all__ = ["run_distillation", "prepare_pool", "initial_indices"]
 
@@ -30,10 +31,10 @@ def prepare_pool(cfg: DistillConfig, splits: DatasetSplits, device) -> RealPool:
     labels, flipped = train.labels.clone(), torch.zeros(len(train), dtype=torch.bool)
     if cfg.noise > 0:
         labels, flipped = add_label_noise(train.labels, cfg.noise, cfg.noise_kind, train.num_classes,
-                                          seed=mix_seed(cfg.seed, 1))
+                                          seed=mix_seed(cfg.seed, Stream.LABEL_NOISE))
     frac = cfg.iwd.heldout_fraction
     if frac > 0:
-        keep, held = stratified_split(labels, frac, seed=mix_seed(cfg.seed, 2))
+        keep, held = stratified_split(labels, frac, seed=mix_seed(cfg.seed, Stream.HELDOUT_SPLIT))
     else:
         keep, held = torch.arange(len(train)), torch.zeros(0, dtype=torch.long)
     if cfg.weighting == "iwd" and cfg.iwd.influence == "validation" and held.numel() == 0:
@@ -45,9 +46,9 @@ def prepare_pool(cfg: DistillConfig, splits: DatasetSplits, device) -> RealPool:
 
 def warmup_scores(cfg: DistillConfig, pool: RealPool, device, target: str) -> torch.Tensor:
     """Raw scores [n] of every pool instance at a network trained ``warmup_steps`` steps on the pool."""
-    net = build_net(cfg.net, pool, mix_seed(cfg.seed, 3), device)
+    net = build_net(cfg.net, pool, mix_seed(cfg.seed, Stream.WARMUP_NETWORK), device)
     spec = EvalSpec(num_nets=1, epochs=1, lr=cfg.lr_net, batch_size=256, dsa=False)
-    train_network(net, pool.images, pool.labels, spec, mix_seed(cfg.seed, 4), None, device,
+    train_network(net, pool.images, pool.labels, spec, mix_seed(cfg.seed, Stream.WARMUP_TRAINING), None, device,
                   steps=max(1, cfg.iwd.warmup_steps))
     net.eval()
     if target == "validation":
@@ -68,7 +69,8 @@ def initial_indices(cfg: DistillConfig, pool: RealPool, device, timer: PhaseTime
     """
     mode = cfg.iwd.init
     if mode == "random" or cfg.weighting == "none":
-        idx = select_initial(pool.labels.cpu(), None, pool.num_classes, cfg.ipc, "random", mix_seed(cfg.seed, 5))
+        idx = select_initial(pool.labels.cpu(), None, pool.num_classes, cfg.ipc, "random",
+                             mix_seed(cfg.seed, Stream.INITIAL_IMAGES))
         return {"indices": idx, "init": "random"}
     if mode not in ("weighted", "proportional"):
         raise ValueError(f"iwd.init must be random, weighted or proportional, got {mode!r}")
@@ -82,7 +84,8 @@ def initial_indices(cfg: DistillConfig, pool: RealPool, device, timer: PhaseTime
     weighter.update(torch.arange(raw.shape[0]), raw)
     w = weighter.weights()
     idx = select_initial(pool.labels.cpu(), w, pool.num_classes, cfg.ipc,
-                         "top" if mode == "weighted" else "proportional", mix_seed(cfg.seed, 5))
+                         "top" if mode == "weighted" else "proportional",
+                         mix_seed(cfg.seed, Stream.INITIAL_IMAGES))
     report = {"indices": idx, "init": f"{mode} ({target} scores after {cfg.iwd.warmup_steps} warm-up steps)"}
     if pool.flipped.any() and not pool.flipped.all():
         report["init_auroc_flipped"] = auroc(-w, pool.flipped)
@@ -101,7 +104,7 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose from {sorted(METHODS)}")
     device = resolve_device(cfg.device)
-    torch.manual_seed(mix_seed(cfg.seed, 0))
+    torch.manual_seed(mix_seed(cfg.seed, Stream.GLOBAL))
     splits = splits if splits is not None else load_dataset(cfg.dataset, root=cfg.data_root)
     timer = PhaseTimer()
     run = _open_run(out_dir, cfg)
@@ -170,7 +173,7 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
 
 def _evaluate(cfg, syn, splits, dsa_strategy, device):
     return evaluate_synthetic(syn.images.detach(), syn.labels, splits.test, cfg.eval, cfg.net,
-                              seed=mix_seed(cfg.seed, 7), dsa_strategy=dsa_strategy or "auto", device=device,
+                              seed=mix_seed(cfg.seed, Stream.EVALUATION), dsa_strategy=dsa_strategy or "auto", device=device,
                               progress=False)
 
 

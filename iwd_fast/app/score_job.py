@@ -16,12 +16,13 @@ from typing import Any, Dict, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..distill.config import EvalSpec, NetSpec
 from ..data import add_label_noise, load_dataset, stratified_split
-from ..evaluate import build_eval_network, resolve_device, test_accuracy, train_network
+from ..evaluate import EvalSpec, build_eval_network, test_accuracy, train_network
+from ..networks import NetSpec
+from ..runtime import resolve_device
 from ..scoring import grad_dot, grad_norm_sq
 from ..weighting.targets import validation_gradient
-from ..weighting.weighter import InfluenceWeighter, auroc, sign_for, weight_mass_on
+from ..weighting import InfluenceWeighter, auroc, sign_for, weight_mass_on
 
 __all__ = ["score_dataset"]
 

@@ -1,5 +1,6 @@
 """Built-in distillers (DC, DSA, DM) on the same drop-in hooks offered to other people's loops."""
-from .base import IWDState, RealPool, SyntheticSet
+from .base import RealPool, SyntheticSet
+from .iwd_state import IWDState
 from .distribution_matching import DistributionMatching
 from .gradient_matching import GradientMatching, layerwise_distance
 

@@ -6,31 +6,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from ..evaluate import EvalSpec
+from ..networks import NetSpec
+
 __all__ = ["NetSpec", "EvalSpec", "IWDSpec", "DistillConfig"]
-
-
-@dataclass
-class NetSpec:
-    """Network used for distillation and evaluation (see iwd_fast.networks.build_network)."""
-
-    name: str = "convnet"
-    width: int = 128
-    depth: int = 3
-    norm: str = "instancenorm"
-
-
-@dataclass
-class EvalSpec:
-    """Evaluation protocol (SCIENCE.md section 5): train ``num_nets`` fresh networks on the synthetic set."""
-
-    num_nets: int = 5
-    epochs: int = 300           # 1000 with DSA augmentation in the field's protocol
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 256
-    dsa: bool = True            # augment synthetic images while training the evaluation networks
-    net: Optional[NetSpec] = None  # None: the distillation network
 
 
 @dataclass

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from ..scoring import capture
 from ..weighting.dropin import weighted_class_mean
 from ..weighting.targets import implicit_direction, matching_direction
-from .base import Distiller, build_net, mix_seed
+from ..runtime import MethodStreams, Stream, mix_seed
+from .base import Distiller, build_net
 
 __all__ = ["DistributionMatching"]
 
@@ -30,11 +31,11 @@ def mean_distance(real_mean: torch.Tensor, syn_embed: torch.Tensor) -> torch.Ten
 class DistributionMatching(Distiller):
     """One DM run's state; ``step(it)`` performs one iteration and returns its metrics."""
 
-    SEED_KEY = 20
+    STREAMS = MethodStreams(Stream.DM_SAMPLER, Stream.DM_AUGMENT, Stream.DM_NETWORKS)
 
     def step(self, it: int) -> Dict[str, float]:
         cfg, pool = self.cfg, self.pool
-        net = build_net(cfg.net, pool, mix_seed(cfg.seed, 23, it), self.device).train()
+        net = build_net(cfg.net, pool, mix_seed(cfg.seed, self.STREAMS.networks, it), self.device).train()
         for p in net.parameters():
             p.requires_grad_(False)
         scoring = self.iwd is not None and self.iwd.due(it)

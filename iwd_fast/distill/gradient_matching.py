@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from ..scoring import capture
 from ..weighting.dropin import weighted_cross_entropy
 from ..weighting.targets import implicit_direction, matching_direction
-from .base import Distiller, build_net, maybe, mix_seed
+from ..runtime import MethodStreams, Stream, mix_seed
+from .base import Distiller, build_net, maybe
 
 __all__ = ["layerwise_distance", "GradientMatching"]
 
@@ -37,11 +38,11 @@ def layerwise_distance(gw_syn: Sequence[torch.Tensor], gw_real: Sequence[torch.T
 class GradientMatching(Distiller):
     """One DC/DSA run's state; ``step(it)`` performs one outer iteration and returns its metrics."""
 
-    SEED_KEY = 10
+    STREAMS = MethodStreams(Stream.DC_SAMPLER, Stream.DC_AUGMENT, Stream.DC_NETWORKS)
 
     def step(self, it: int) -> Dict[str, float]:
         cfg, pool = self.cfg, self.pool
-        net = build_net(cfg.net, pool, mix_seed(cfg.seed, 13, it), self.device).train()
+        net = build_net(cfg.net, pool, mix_seed(cfg.seed, self.STREAMS.networks, it), self.device).train()
         names = [n for n, _ in net.named_parameters()]
         params = [p for _, p in net.named_parameters()]
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import dispatch, reference
+from . import dispatch, oracle
 from .capture import Capture
 from .params import Directions, group_by_module, param_owners, stack_directions, trainable_parameters
 from .jvp import grad_dot_jvp
@@ -58,7 +58,7 @@ def grad_dot(
     if concrete == "reference":
         _check_no_batch_coupling(model)
         _validate_targets(model, inputs, targets, loss)
-        s = reference.grad_dot_reference(model, inputs, targets, stacked.tensors, loss_fn, chunk_size)
+        s = oracle.grad_dot_reference(model, inputs, targets, stacked.tensors, loss_fn, chunk_size)
     elif concrete == "jvp":
         _validate_targets(model, inputs, targets, loss)
         s = grad_dot_jvp(model, inputs, targets, stacked.tensors, loss_fn)
@@ -97,7 +97,7 @@ def grad_norm_sq(
     if concrete == "reference":
         _check_no_batch_coupling(model)
         _validate_targets(model, inputs, targets, loss)
-        return reference.grad_norm_sq_reference(model, inputs, targets, names, loss_fn, chunk_size)
+        return oracle.grad_norm_sq_reference(model, inputs, targets, names, loss_fn, chunk_size)
     return _chunked(lambda: Capture(model), lambda cap: cap.grad_norm_sq(names, "sum", concrete), model, inputs,
                     targets, loss, loss_fn, chunk_size)
 

@@ -6,6 +6,8 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as F
 
+from .checks import format_indices
+
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LossSpec = Union[str, PerSampleLoss]
 
@@ -47,15 +49,9 @@ def check_targets(loss: LossSpec, outputs_shape: torch.Size, targets: torch.Tens
             raise ValueError(f"soft labels must have the logits' shape {tuple(outputs_shape)}, got {tuple(targets.shape)}")
         bad = (~torch.isfinite(targets)).flatten(1).any(1) | (targets < 0).flatten(1).any(1)
         if bad.any():
-            raise ValueError(f"soft labels must be finite and non-negative; bad rows: {_first(bad)}")
+            raise ValueError(f"soft labels must be finite and non-negative; bad rows: {format_indices(bad)}")
         return
     bad = (targets < 0) | (targets >= num_classes)
     if bad.any():
         rows = bad.reshape(batch, -1).any(1)
-        raise ValueError(f"labels outside [0, {num_classes}) at indices {_first(rows)}")
-
-
-def _first(mask: torch.Tensor, n: int = 10) -> str:
-    idx = mask.nonzero().flatten().tolist()
-    more = f" (+{len(idx) - n} more)" if len(idx) > n else ""
-    return f"{idx[:n]}{more}"
+        raise ValueError(f"labels outside [0, {num_classes}) at indices {format_indices(rows)}")

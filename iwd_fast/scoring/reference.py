@@ -1,14 +1,10 @@
-"""Eager PyTorch oracles: the specification of every op and the CPU fallback.
+"""The layer ops in eager PyTorch: the specification of every kernel and the ``"torch"`` backend.
 
-Two levels live here.
-
-* Layer ops. Given what one layer saw during a forward (its input, or its normalised input) and the
-  gradient of a sum of per-sample losses at its output, each op returns per-sample dot products of the
-  layer's per-sample parameter gradient with K directions, or per-sample squared gradient norms.
-  These eager formulas are the ``"torch"`` impl; the Triton, C++ and CUDA kernels implement the same
-  signatures and are tested against these functions in float64.
-* The model oracle (``per_sample_grads`` / ``grad_dot_reference``): torch.func ``vmap(grad)`` that
-  materialises every per-sample gradient. Slow and memory hungry, exact: the ``"reference"`` impl.
+Given what one layer saw during a forward (its input, or its normalised input) and the gradient of a
+sum of per-sample losses at its output, each op returns per-sample dot products of the layer's
+per-sample parameter gradient with K directions, or per-sample squared gradient norms. The Triton,
+C++ and CUDA kernels implement the same signatures and are tested against these functions in float64.
+The model-level oracle (vmap(grad), materialising) is ``iwd_fast.scoring.oracle``.
 
 Shapes: B samples, K directions, T positions (sequence or flattened spatial), d input features,
 p output features, C channels.
@@ -16,7 +12,7 @@ p output features, C channels.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +24,7 @@ __all__ = [
     "embedding_dot",
     "linear_grad_norm_sq",
     "conv_unfold",
-    "per_sample_grads",
-    "grad_dot_reference",
-    "grad_norm_sq_reference",
+    "choose_norm_method",
 ]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -173,69 +167,3 @@ def conv_unfold(x: torch.Tensor, kernel_size, stride, padding, dilation) -> torc
         raise ValueError(f"conv_unfold: only 1d and 2d convolutions, got input of shape {tuple(x.shape)}")
     cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
     return cols.transpose(1, 2)
-
-
-# --------------------------------------------------------------------------------------------------
-# Model oracle: torch.func vmap(grad), materialising.
-# --------------------------------------------------------------------------------------------------
-
-def per_sample_grads(
-    model: torch.nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    param_names: Sequence[str],
-    chunk_size: int | None = None,
-) -> Dict[str, torch.Tensor]:
-    """Per-sample gradients {name: [B, *param.shape]} of ``loss_fn`` for the named parameters.
-
-    ``loss_fn(outputs [B, ...], targets [B, ...]) -> [B]`` is a per-sample loss; each sample is run
-    through the model alone (batch of one), so layers that couple samples are not supported here.
-    """
-    from torch.func import functional_call, grad, vmap
-
-    params = {n: p.detach() for n, p in model.named_parameters() if n in set(param_names)}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def one_loss(p, x, y):
-        out = functional_call(model, {**frozen, **p, **buffers}, (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0)).sum()
-
-    if inputs.shape[0] == 0:
-        return {n: p.new_zeros((0, *p.shape)) for n, p in params.items()}
-    return vmap(grad(one_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
-
-
-def grad_dot_reference(
-    model: torch.nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    directions: Mapping[str, torch.Tensor],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """[B, K] = <per-sample gradient, direction_k>; ``directions`` maps names to [K, *param.shape]."""
-    grads = per_sample_grads(model, inputs, targets, loss_fn, list(directions), chunk_size)
-    out = None
-    for name, v in directions.items():
-        g = grads[name].flatten(1).to(v.dtype)  # [B, P]
-        term = g @ v.flatten(1).transpose(0, 1)  # [B, K]
-        out = term if out is None else out + term
-    return out
-
-
-def grad_norm_sq_reference(
-    model: torch.nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    param_names: Sequence[str],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """[B] = ||per-sample gradient restricted to ``param_names``||^2."""
-    grads = per_sample_grads(model, inputs, targets, loss_fn, param_names, chunk_size)
-    total = inputs.new_zeros(inputs.shape[0], dtype=next(iter(grads.values())).dtype)
-    for g in grads.values():
-        total = total + g.flatten(1).pow(2).sum(dim=1)
-    return total

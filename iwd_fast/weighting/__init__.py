@@ -3,7 +3,8 @@ the influence directions (``targets``), quality metrics (``metrics``) and the dr
 weights into a loop (``dropin``)."""
 from .dropin import IndexedClassSampler, normalize_weights, select_initial, weighted_class_mean, weighted_cross_entropy
 from .targets import TARGETS
-from .weighter import SIGN_POLICIES, InfluenceWeighter, auroc, labels_fingerprint, sign_for, weight_mass_on
+from .metrics import auroc, weight_mass_on
+from .weighter import SIGN_POLICIES, InfluenceWeighter, labels_fingerprint, sign_for
 
 __all__ = ["InfluenceWeighter", "SIGN_POLICIES", "sign_for", "labels_fingerprint", "auroc", "weight_mass_on",
            "IndexedClassSampler", "normalize_weights", "select_initial", "weighted_class_mean",

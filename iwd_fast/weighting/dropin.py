@@ -18,16 +18,12 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..scoring.checks import as_labels, format_indices
+
 __all__ = ["weighted_cross_entropy", "weighted_class_mean", "normalize_weights", "IndexedClassSampler",
            "select_initial", "INIT_MODES"]
 
 INIT_MODES = ("top", "proportional", "random")
-
-
-def _fmt(idx, limit: int = 10) -> str:
-    idx = [int(i) for i in idx]
-    more = f", ... ({len(idx) - limit} more)" if len(idx) > limit else ""
-    return "[" + ", ".join(str(i) for i in idx[:limit]) + more + "]"
 
 
 def _check_weights(weights: torch.Tensor, size: int, where: str) -> None:
@@ -39,7 +35,7 @@ def _check_weights(weights: torch.Tensor, size: int, where: str) -> None:
     w = weights.detach()
     bad = torch.nonzero(~torch.isfinite(w) | (w < 0)).flatten()
     if bad.numel():
-        raise ValueError(f"{where}: negative or non-finite weights at indices {_fmt(bad.tolist())}")
+        raise ValueError(f"{where}: negative or non-finite weights at indices {format_indices(bad.tolist())}")
     if size and not bool((w > 0).any()):
         raise ValueError(f"{where}: all weights are zero")
 
@@ -102,17 +98,6 @@ def weighted_class_mean(features: torch.Tensor, weights: Optional[torch.Tensor] 
     return torch.tensordot(wn, features, dims=1)
 
 
-def _as_labels(labels: torch.Tensor, num_classes: int, where: str) -> torch.Tensor:
-    labels = torch.as_tensor(labels)
-    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{where}: labels must be an integer tensor [n], got {labels.dtype} {tuple(labels.shape)}")
-    labels = labels.detach().to("cpu", torch.int64)
-    bad = torch.nonzero((labels < 0) | (labels >= num_classes)).flatten()
-    if bad.numel():
-        raise ValueError(f"{where}: labels outside [0, {num_classes}) at indices {_fmt(bad.tolist())}")
-    return labels
-
-
 def _draw_weighted(members: torch.Tensor, weights: torch.Tensor, k: int, gen: torch.Generator,
                    where: str, c: int) -> torch.Tensor:
     """k distinct members drawn in proportion to their weights (weights: float [n] over the whole dataset)."""
@@ -120,7 +105,7 @@ def _draw_weighted(members: torch.Tensor, weights: torch.Tensor, k: int, gen: to
     w_c = w[members]
     bad = members[~torch.isfinite(w_c) | (w_c < 0)]
     if bad.numel():
-        raise ValueError(f"{where}: negative or non-finite weights at indices {_fmt(bad.tolist())}")
+        raise ValueError(f"{where}: negative or non-finite weights at indices {format_indices(bad.tolist())}")
     positive = int((w_c > 0).sum())
     if positive < k:
         raise ValueError(f"{where}: class {c} has {positive} instances with positive weight, cannot draw {k} "
@@ -138,7 +123,7 @@ class IndexedClassSampler:
     """
 
     def __init__(self, labels: torch.Tensor, num_classes: int, seed: int = 0):
-        self.labels = _as_labels(labels, num_classes, "IndexedClassSampler")
+        self.labels = as_labels(labels, "IndexedClassSampler", num_classes)
         self.num_classes = int(num_classes)
         self.seed = int(seed)
         self.members: List[torch.Tensor] = [torch.nonzero(self.labels == c).flatten()
@@ -205,7 +190,7 @@ def select_initial(labels: torch.Tensor, weights: Optional[torch.Tensor], num_cl
         raise ValueError(f"select_initial: mode must be one of {INIT_MODES}, got {mode!r}")
     if int(ipc) < 1:
         raise ValueError(f"select_initial: ipc must be >= 1, got {ipc}")
-    labels = _as_labels(labels, num_classes, "select_initial")
+    labels = as_labels(labels, "select_initial", num_classes)
     if weights is None:
         if mode != "random":
             raise ValueError(f"select_initial: mode {mode!r} needs weights")
@@ -217,7 +202,7 @@ def select_initial(labels: torch.Tensor, weights: Optional[torch.Tensor], num_cl
     members = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
     small = [c for c in range(num_classes) if members[c].numel() < ipc]
     if small:
-        raise ValueError(f"select_initial: classes {_fmt(small)} have fewer than ipc={ipc} instances")
+        raise ValueError(f"select_initial: classes {format_indices(small)} have fewer than ipc={ipc} instances")
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     picked = []
     for c, m in enumerate(members):
@@ -229,7 +214,7 @@ def select_initial(labels: torch.Tensor, weights: Optional[torch.Tensor], num_cl
             w_c = weights[m]
             bad = m[~torch.isfinite(w_c)]
             if bad.numel():
-                raise ValueError(f"select_initial: non-finite weights at indices {_fmt(bad.tolist())}")
+                raise ValueError(f"select_initial: non-finite weights at indices {format_indices(bad.tolist())}")
             order = torch.sort(w_c, descending=True, stable=True).indices
             picked.append(m[order[:ipc]])
     return torch.cat(picked) if picked else torch.zeros(0, dtype=torch.int64)

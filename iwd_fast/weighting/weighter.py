@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ["InfluenceWeighter", "SIGN_POLICIES", "sign_for", "weight_mass_on", "auroc", "labels_fingerprint"]
+from ..scoring.checks import as_labels, format_indices
+from .metrics import weight_mass_on
+
+__all__ = ["InfluenceWeighter", "SIGN_POLICIES", "sign_for", "labels_fingerprint"]
 
 # target -> {accepted policy: sign}; "auto" for explicit/implicit is "consistent" (SCIENCE.md section 2).
 SIGN_POLICIES: Dict[str, Dict[str, int]] = {
@@ -51,12 +54,6 @@ def sign_for(target: str, policy: str = "auto") -> int:
         raise ValueError(f"sign_for: policy {policy!r} is not valid for target {target!r}; "
                          f"expected one of {sorted(allowed)}")
     return allowed[policy]
-
-
-def _fmt(idx: Sequence[int], limit: int = 10) -> str:
-    """Short printable list of offending indices."""
-    more = f", ... ({len(idx) - limit} more)" if len(idx) > limit else ""
-    return "[" + ", ".join(str(int(i)) for i in idx[:limit]) + more + "]"
 
 
 def labels_fingerprint(labels: torch.Tensor, num_classes: int) -> Dict[str, Union[int, str]]:
@@ -98,16 +95,9 @@ class InfluenceWeighter:
 
     def __init__(self, labels: torch.Tensor, num_classes: int, *, temperature: float = 1.0, ema: float = 0.8,
                  floor: float = 0.0, sign: int = 1, eps: float = 1e-8):
-        labels = torch.as_tensor(labels)
-        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"InfluenceWeighter: labels must be an integer tensor [n], got {labels.dtype} "
-                             f"{tuple(labels.shape)}")
         if int(num_classes) < 1:
             raise ValueError(f"InfluenceWeighter: num_classes must be >= 1, got {num_classes}")
-        labels = labels.detach().to("cpu", torch.int64).contiguous()
-        bad = torch.nonzero((labels < 0) | (labels >= num_classes)).flatten()
-        if bad.numel():
-            raise ValueError(f"InfluenceWeighter: labels outside [0, {num_classes}) at indices {_fmt(bad.tolist())}")
+        labels = as_labels(labels, "InfluenceWeighter", num_classes).contiguous()
         _check_hparams(sign, ema, eps, "InfluenceWeighter")
         self.labels = labels
         self.num_classes = int(num_classes)
@@ -170,7 +160,7 @@ class InfluenceWeighter:
         indices = indices.detach().to("cpu", torch.int64)
         bad = indices[(indices < 0) | (indices >= self.n)]
         if bad.numel():
-            raise ValueError(f"{where}: indices out of range [0, {self.n}): {_fmt(bad.tolist())}")
+            raise ValueError(f"{where}: indices out of range [0, {self.n}): {format_indices(bad.tolist())}")
         return indices
 
     def update(self, indices: torch.Tensor, scores: torch.Tensor) -> None:
@@ -189,10 +179,10 @@ class InfluenceWeighter:
                              f"indices shape {tuple(indices.shape)}")
         uniq, counts = torch.unique(indices, return_counts=True)
         if bool((counts > 1).any()):
-            raise ValueError(f"InfluenceWeighter.update: duplicated indices {_fmt(uniq[counts > 1].tolist())}")
+            raise ValueError(f"InfluenceWeighter.update: duplicated indices {format_indices(uniq[counts > 1].tolist())}")
         bad = indices[~torch.isfinite(scores)]
         if bad.numel():
-            raise ValueError(f"InfluenceWeighter.update: non-finite scores at indices {_fmt(bad.tolist())}")
+            raise ValueError(f"InfluenceWeighter.update: non-finite scores at indices {format_indices(bad.tolist())}")
         if indices.numel() == 0:
             return
         old = self._scores[indices]
@@ -266,14 +256,14 @@ class InfluenceWeighter:
             bad = idx[lb != stored]
             if bad.numel():
                 raise ValueError(f"InfluenceWeighter.normalized_batch_weights: labels_of_batch disagree with the "
-                                 f"stored labels at indices {_fmt(bad.tolist())}")
+                                 f"stored labels at indices {format_indices(bad.tolist())}")
         lab = stored.to(w.device)
         sums = torch.zeros(self.num_classes, dtype=w.dtype, device=w.device).index_add_(0, lab, w)
         present = torch.unique(lab)
         empty = present[sums[present] <= 0]
         if empty.numel():
             raise ValueError(f"InfluenceWeighter.normalized_batch_weights: zero total weight in classes "
-                             f"{_fmt(empty.tolist())}")
+                             f"{format_indices(empty.tolist())}")
         return w / sums[lab]
 
     def weight_mass_on(self, mask: torch.Tensor) -> float:
@@ -346,59 +336,3 @@ class InfluenceWeighter:
         obj.load_state_dict({"scores": tensors["scores"], "scored": tensors["scored"], "sign": int(meta["sign"]),
                              **hp, **saved})
         return obj
-
-
-def weight_mass_on(weights: torch.Tensor, mask: torch.Tensor) -> float:
-    """Fraction of ``weights`` [n] (float) carried by the instances where ``mask`` [n] (bool) is True."""
-    weights = torch.as_tensor(weights).detach().to("cpu", torch.float64)
-    mask = torch.as_tensor(mask).detach().to("cpu")
-    if mask.dtype != torch.bool or mask.shape != weights.shape:
-        raise ValueError(f"weight_mass_on: mask must be bool {tuple(weights.shape)}, got {mask.dtype} "
-                         f"{tuple(mask.shape)}")
-    total = float(weights.sum())
-    if not total > 0:
-        raise ValueError(f"weight_mass_on: total weight must be positive, got {total}")
-    return float(weights[mask].sum()) / total
-
-
-def _auroc_rank(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Mann-Whitney AUROC with average ranks for ties."""
-    uniq, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    first_rank = np.cumsum(counts) - counts + 1          # 1-based rank of each distinct value's first copy
-    avg_rank = first_rank + (counts - 1) / 2.0
-    ranks = avg_rank[inverse]
-    n_pos = int(positives.sum())
-    n_neg = positives.size - n_pos
-    u = ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def auroc(scores: torch.Tensor, positives: torch.Tensor, *, impl: str = "auto") -> float:
-    """Area under the ROC curve of ``scores`` [n] (higher = more suspicious) for flagging ``positives`` [n] bool.
-
-    1.0: every positive scores above every negative; 0.5: no better than chance (ties count half).
-    ``impl``: "sklearn" (sklearn.metrics.roc_auc_score), "rank" (Mann-Whitney with average ranks) or
-    "auto" (sklearn when installed, else rank).
-    """
-    s = torch.as_tensor(scores).detach().to("cpu", torch.float64).numpy().reshape(-1)
-    p = torch.as_tensor(positives).detach().to("cpu").numpy().reshape(-1)
-    if impl not in ("auto", "sklearn", "rank"):
-        raise ValueError(f"auroc: impl must be 'auto', 'sklearn' or 'rank', got {impl!r}")
-    if p.dtype != np.bool_:
-        raise ValueError(f"auroc: positives must be bool, got {p.dtype}")
-    if s.shape != p.shape:
-        raise ValueError(f"auroc: scores {s.shape} and positives {p.shape} differ in shape")
-    bad = np.nonzero(~np.isfinite(s))[0]
-    if bad.size:
-        raise ValueError(f"auroc: non-finite scores at indices {_fmt(bad.tolist())}")
-    if p.all() or not p.any():
-        raise ValueError("auroc: needs at least one positive and one negative instance")
-    if impl in ("auto", "sklearn"):
-        try:
-            from sklearn.metrics import roc_auc_score
-        except ImportError:
-            if impl == "sklearn":
-                raise ValueError("auroc: impl='sklearn' requested but scikit-learn is not installed") from None
-        else:
-            return float(roc_auc_score(p, s))
-    return _auroc_rank(s, p)

@@ -12,7 +12,7 @@ from iwd_fast.distill.gradient_matching import layerwise_distance
 from iwd_fast.weighting.dropin import weighted_cross_entropy
 from iwd_fast.networks import build_network
 from iwd_fast.app.presets import preset_config
-from iwd_fast.scoring.reference import per_sample_grads
+from iwd_fast.scoring.oracle import per_sample_grads
 from iwd_fast.weighting.targets import jvp_exact, jvp_fd, matching_direction
 
 
