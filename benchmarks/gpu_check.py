@@ -683,10 +683,10 @@ def time_conv_micro(rep: Report, tf32_pass: bool) -> None:
         kern = None
         if reasons["triton"] is None:
             from iwd_fast import kernels as kern
-        rows["triton"] = _time(rep, "conv_micro", "triton fused conv-dot (iwd_fast.kernels.conv2d_dot)",
-                               lambda: kern.conv2d_dot(x, v, delta, 1, 1, 1, 1), reasons["triton"], shape=shape,
+        rows["triton"] = _time(rep, "conv_micro", "triton fused conv-dot (iwd_fast.kernels.conv_dot)",
+                               lambda: kern.conv_dot(x, v, delta, 1, 1, 1, 1), reasons["triton"], shape=shape,
                                tf32=False)
-        rows["compiled"] = _time(rep, "conv_micro", f"{compiled} fused conv-dot (torch.ops.iwd_fast.conv2d_dot)",
+        rows["compiled"] = _time(rep, "conv_micro", f"{compiled} fused conv-dot (torch.ops.iwd_fast.conv_dot)",
                                  lambda: _ops.conv_dot(x, v, delta, 1, 1, 1, 1), reasons[compiled], shape=shape,
                                  tf32=False)
     set_tf32(tf32_pass)

@@ -2,7 +2,7 @@
 //
 // Every op validates shapes, dtypes and devices here before touching data, so both backends reject
 // bad input with the same one-line message. Shapes follow iwd_fast/reference.py:
-//   conv2d_dot:          x [B, Cin, H, W], v [K, Cout, Cin/groups, kh, kw], delta [B, Cout, Ho, Wo]
+//   conv_dot:          x [B, Cin, H, W], v [K, Cout, Cin/groups, kh, kw], delta [B, Cout, Ho, Wo]
 //   linear_dot:          a [B, T, d], v [K, p, d], delta [B, T, p]
 //   affine_dot:          delta [B, C, P], v_bias [K, C], xhat [B, C, P], v_weight [K, C]
 //   linear_grad_norm_sq: a [B, T, d], delta [B, T, p]
@@ -41,7 +41,7 @@ inline void check_dim(const char* op, const at::Tensor& t, int64_t dim, const ch
               t.sizes());
 }
 
-// Geometry of one conv2d_dot call, after validation.
+// Geometry of one conv_dot call, after validation.
 struct ConvDims {
   int64_t B, Cin, H, W;           // input
   int64_t K, Cout, Cin_g, kh, kw;  // directions
@@ -50,10 +50,10 @@ struct ConvDims {
   int64_t sh, sw, ph, pw, dh, dw;
 };
 
-inline ConvDims check_conv2d_dot(const at::Tensor& x, const at::Tensor& v, const at::Tensor& delta,
+inline ConvDims check_conv_dot(const at::Tensor& x, const at::Tensor& v, const at::Tensor& delta,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t groups) {
-  const char* op = "conv2d_dot";
+  const char* op = "conv_dot";
   check_dim(op, x, 4, "x", "[B, Cin, H, W]");
   check_dim(op, v, 5, "v", "[K, Cout, Cin/groups, kh, kw]");
   check_dim(op, delta, 4, "delta", "[B, Cout, Ho, Wo]");

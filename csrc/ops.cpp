@@ -23,7 +23,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(iwd_fast, m) {
   // s[i, k] = sum_{c, pos} conv2d(x_i; v_k)[c, pos] * delta_i[c, pos]   -> [B, K]
-  m.def("conv2d_dot(Tensor x, Tensor v, Tensor delta, int[] stride, int[] padding, int[] dilation, int groups)"
+  m.def("conv_dot(Tensor x, Tensor v, Tensor delta, int[] stride, int[] padding, int[] dilation, int groups)"
         " -> Tensor",
         {at::Tag::pt2_compliant_tag});
   // s[i, k] = sum_t delta[i, t] . (v_k a[i, t])                           -> [B, K]

@@ -137,21 +137,4 @@ def launch(kernel: Any, grid: Sequence[int], **kwargs: Any) -> None:
         _wrap(kernel)[grid](**kwargs)
 
 
-def as_pair(name: str, what: str, value: Any, nd: int) -> tuple:
-    """Normalise a conv hyper-parameter (int or sequence of ``nd`` ints) to a tuple of ints."""
-    if isinstance(value, int):
-        return (int(value),) * nd
-    if isinstance(value, str):
-        raise ValueError(f"{name}: {what} must be numeric, got {value!r} (string padding is not supported)")
-    try:
-        vals = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: {what} must be an int or a sequence of ints, got {value!r}") from None
-    if len(vals) == 1 and nd > 1:
-        vals = vals * nd
-    if len(vals) != nd:
-        raise ValueError(f"{name}: {what} needs {nd} values, got {value!r}")
-    return vals
-
-
 cdiv = triton.cdiv

@@ -1,7 +1,7 @@
 """Per-sample dots for per-channel affine parameters (biases, norm-layer gamma/beta).
 
 s[b, k] = sum_c (sum_pos delta[b, c, pos]) v_bias[k, c] + (sum_pos xhat[b, c, pos] delta[b, c, pos]) v_weight[k, c]
-(spec: ``iwd_fast.reference.affine_dot``)
+(spec: ``iwd_fast.scoring.reference.affine_dot``)
 
 One program owns one sample and BLOCK_C channels: it sums delta (and xhat * delta) over positions in
 BLOCK_P chunks, then dots these per-channel sums with BLOCK_K directions at a time and writes one

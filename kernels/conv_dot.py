@@ -1,6 +1,6 @@
 """Per-sample conv weight-gradient dots: implicit-GEMM convolution with a fused delta epilogue.
 
-s[b, k] = sum_{c, pos} conv2d(x_b; V_k)[c, pos] * delta_b[c, pos]   (spec: ``iwd_fast.reference.conv_dot``)
+s[b, k] = sum_{c, pos} conv2d(x_b; V_k)[c, pos] * delta_b[c, pos]   (spec: ``iwd_fast.scoring.reference.conv_dot``)
 
 One program owns one sample b, one direction k, one group g, a tile of BLOCK_M output positions and
 a tile of BLOCK_N output channels of that group. It walks the reduction axis r = (ci, kh, kw) of
@@ -19,13 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_pair, block, cdiv, is_interpreted, launch, launch_options, prepare
+from ..scoring.reference import conv_hyperparameters
+from ._common import block, cdiv, is_interpreted, launch, launch_options, prepare
 
 IntOrSeq = Union[int, Sequence[int]]
 
 
 @triton.jit
-def _conv2d_dot_kernel(
+def _conv_dot_kernel(
     x_ptr, v_ptr, delta_ptr, part_ptr,
     C_IN_G, H, W, C_OUT_G, HO, WO,
     N_DIRS, GROUPS, N_M_TILES, N_N_TILES,
@@ -102,7 +103,7 @@ def _blocks(interpreted: bool, positions: int, cout_g: int, red: int, half: bool
     return block(positions, 16, 64), block(cout_g, 16, 64), block(red, 16, 64 if half else 32), 4
 
 
-def conv2d_dot(
+def conv_dot(
     x: torch.Tensor,
     v: torch.Tensor,
     delta: torch.Tensor,
@@ -122,20 +123,16 @@ def conv2d_dot(
     Returns:
         [B, K]: float32 for float16/bfloat16 inputs, else the input dtype.
     """
-    name = "conv2d_dot"
+    name = "conv_dot"
     if x.dim() != delta.dim() or x.dim() + 1 != v.dim() or x.dim() not in (3, 4):
         raise ValueError(f"{name}: expected x [B,C,H,W], v [K,Cout,Cin/g,kh,kw], delta [B,Cout,Ho,Wo] "
                          f"(or their 1d forms); got x {tuple(x.shape)}, v {tuple(v.shape)}, "
                          f"delta {tuple(delta.shape)}")
     nd = x.dim() - 2
-    stride_, padding_, dilation_ = (as_pair(name, "stride", stride, nd), as_pair(name, "padding", padding, nd),
-                                    as_pair(name, "dilation", dilation, nd))
+    stride_, padding_, dilation_ = conv_hyperparameters(stride, padding, dilation, nd, name)
     if nd == 1:  # conv1d == conv2d of height 1
         x, v, delta = x.unsqueeze(2), v.unsqueeze(3), delta.unsqueeze(2)
         stride_, padding_, dilation_ = (1, *stride_), (0, *padding_), (1, *dilation_)
-    if min(stride_) < 1 or min(dilation_) < 1 or min(padding_) < 0:
-        raise ValueError(f"{name}: need stride >= 1, dilation >= 1, padding >= 0; got "
-                         f"{stride_}, {dilation_}, {padding_}")
     bsz, cin, h, w = x.shape
     k_dirs, cout, cin_g, kh, kw = v.shape
     groups = int(groups)
@@ -147,9 +144,9 @@ def conv2d_dot(
         raise ValueError(f"{name}: delta {tuple(delta.shape)} does not match the conv output "
                          f"[{bsz}, {cout}, {ho}, {wo}]")
 
-    (x, v, delta), acc_dtype, out_dtype, dot_fp32 = prepare(name, _conv2d_dot_kernel, x, v, delta)
+    (x, v, delta), acc_dtype, out_dtype, dot_fp32 = prepare(name, _conv_dot_kernel, x, v, delta)
     cout_g = cout // groups
-    bm, bn, bk, warps = _blocks(is_interpreted(_conv2d_dot_kernel), ho * wo, cout_g, cin_g * kh * kw,
+    bm, bn, bk, warps = _blocks(is_interpreted(_conv_dot_kernel), ho * wo, cout_g, cin_g * kh * kw,
                                 x.dtype != torch.float32)
     n_m, n_n = cdiv(ho * wo, bm), cdiv(cout_g, bn)
     n_programs = bsz * n_m * k_dirs * groups * n_n
@@ -157,7 +154,7 @@ def conv2d_dot(
         return torch.zeros(bsz, k_dirs, dtype=out_dtype, device=x.device)
     part = torch.empty(bsz, k_dirs, groups * n_n * n_m, dtype=acc_dtype, device=x.device)
     launch(
-        _conv2d_dot_kernel, (n_programs,),
+        _conv_dot_kernel, (n_programs,),
         x_ptr=x, v_ptr=v, delta_ptr=delta, part_ptr=part,
         C_IN_G=cin_g, H=h, W=w, C_OUT_G=cout_g, HO=ho, WO=wo,
         N_DIRS=k_dirs, GROUPS=groups, N_M_TILES=n_m, N_N_TILES=n_n,
@@ -170,6 +167,6 @@ def conv2d_dot(
         stride_dw=delta.stride(3),
         stride_pb=part.stride(0), stride_pk=part.stride(1),
         KH=kh, KW=kw, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_FP32=dot_fp32,
-        **launch_options(_conv2d_dot_kernel, warps),
+        **launch_options(_conv_dot_kernel, warps),
     )
     return part.sum(dim=-1).to(out_dtype)

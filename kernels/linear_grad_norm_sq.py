@@ -1,6 +1,6 @@
 """Per-sample squared gradient norms of a Linear-shaped product G_b = delta_b^T a_b.
 
-||G_b||_F^2   (spec: ``iwd_fast.reference.linear_grad_norm_sq``), two kernels:
+||G_b||_F^2   (spec: ``iwd_fast.scoring.reference.linear_grad_norm_sq``), two kernels:
 
 * ghost: ||G_b||^2 = sum_{t,s} (a_t . a_s)(delta_t . delta_s). A program owns one [BLOCK_T, BLOCK_T]
   tile (ti, tj) of the T x T Gram matrices of one sample, builds both Gram tiles with ``tl.dot``

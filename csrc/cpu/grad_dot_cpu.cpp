@@ -126,10 +126,10 @@ void check_cpu_dtype(const char* op, const at::Tensor& t) {
               " is not supported on CPU; use float32 or float64 (float16/bfloat16 run on CUDA only)");
 }
 
-at::Tensor conv2d_dot_cpu(const at::Tensor& x, const at::Tensor& v, const at::Tensor& delta, at::IntArrayRef stride,
+at::Tensor conv_dot_cpu(const at::Tensor& x, const at::Tensor& v, const at::Tensor& delta, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const ConvDims c = check_conv2d_dot(x, v, delta, stride, padding, dilation, groups);
-  check_cpu_dtype("conv2d_dot", x);
+  const ConvDims c = check_conv_dot(x, v, delta, stride, padding, dilation, groups);
+  check_cpu_dtype("conv_dot", x);
   at::Tensor out = at::zeros({c.B, c.K}, x.options());
   const int64_t P = c.Ho * c.Wo;
   if (c.B == 0 || c.K == 0 || c.Cout == 0 || c.Cin == 0 || P == 0) return out;
@@ -144,7 +144,7 @@ at::Tensor conv2d_dot_cpu(const at::Tensor& x, const at::Tensor& v, const at::Te
   const ChunkPlan plan =
       plan_chunks(c.B, N * P * static_cast<int64_t>(x.element_size()), N * P * c.Cin_g * c.kh * c.kw);
 
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_dot_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_dot_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     for_each_chunk(c.B, plan, [&](int64_t first, int64_t n) {
       const at::Tensor y = at::conv2d(x.narrow(0, first, n), w, {}, stride, padding, dilation, groups).contiguous();
@@ -302,7 +302,7 @@ at::Tensor linear_grad_norm_sq_cpu(const at::Tensor& a, const at::Tensor& delta,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(iwd_fast, CPU, m) {
-  m.impl("conv2d_dot", &conv2d_dot_cpu);
+  m.impl("conv_dot", &conv_dot_cpu);
   m.impl("linear_dot", &linear_dot_cpu);
   m.impl("affine_dot", &affine_dot_cpu);
   m.impl("linear_grad_norm_sq", &linear_grad_norm_sq_cpu);

@@ -1,7 +1,7 @@
 // CUDA kernels of the iwd_fast ops (float32, float16, bfloat16 and float64; fp32 accumulation for the
 // half types, results in float32 for them).
 //
-// conv2d_dot and linear_dot share one implicit-GEMM kernel with a fused epilogue. Per batch item
+// conv_dot and linear_dot share one implicit-GEMM kernel with a fused epilogue. Per batch item
 // z = (sample i, group g) the GEMM is
 //     Y[m, n] = sum_r A[m, r] * Bm[r, n]
 //     m: output position (ho, wo) (linear: the token t)            M = Ho*Wo   (linear: T)
@@ -228,10 +228,10 @@ void check_cuda_dtype(const char* op, const at::Tensor& t) {
               " (CUDA): dtype ", s, " is not supported; use float32, float16, bfloat16 or float64");
 }
 
-at::Tensor conv2d_dot_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& delta, at::IntArrayRef stride,
+at::Tensor conv_dot_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& delta, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const ConvDims c = check_conv2d_dot(x, v, delta, stride, padding, dilation, groups);
-  check_cuda_dtype("conv2d_dot", x);
+  const ConvDims c = check_conv_dot(x, v, delta, stride, padding, dilation, groups);
+  check_cuda_dtype("conv_dot", x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::zeros({c.B, c.K}, x.options().dtype(result_dtype(x.scalar_type())));
   if (c.B == 0 || c.K == 0 || c.Cout == 0 || c.Cin == 0 || c.Ho * c.Wo == 0) return out;
@@ -304,7 +304,7 @@ at::Tensor linear_grad_norm_sq_cuda(const at::Tensor& a, const at::Tensor& delta
 }  // namespace
 
 TORCH_LIBRARY_IMPL(iwd_fast, CUDA, m) {
-  m.impl("conv2d_dot", &conv2d_dot_cuda);
+  m.impl("conv_dot", &conv_dot_cuda);
   m.impl("linear_dot", &linear_dot_cuda);
   m.impl("affine_dot", &affine_dot_cuda);
   m.impl("linear_grad_norm_sq", &linear_grad_norm_sq_cuda);

@@ -7,11 +7,9 @@ import json
 import sys
 from typing import List, Optional
 
-from .presets import list_presets
-
-METHODS = ("dc", "dsa", "dm")
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "svhn")
-TARGETS = ("explicit", "implicit", "validation", "self")
+from ..data import DATASET_NAMES as DATASETS
+from ..weighting import TARGETS
+from .presets import METHODS, list_presets
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -12,8 +12,7 @@ from ..distill.config import DistillConfig
 from ..data import DatasetSplits, add_label_noise, load_dataset, stratified_split
 from ..evaluate import EvalSpec, evaluate_synthetic, train_network
 from ..weighting.dropin import select_initial
-from ..scoring import grad_dot, grad_norm_sq
-from ..weighting.targets import validation_gradient
+from ..weighting.targets import instance_scores, validation_directions
 from ..weighting import InfluenceWeighter, auroc, sign_for
 from ..distill import METHODS, IWDState, RealPool, SyntheticSet
 from ..distill.base import build_net
@@ -51,12 +50,10 @@ def warmup_scores(cfg: DistillConfig, pool: RealPool, device, target: str) -> to
     train_network(net, pool.images, pool.labels, spec, mix_seed(cfg.seed, Stream.WARMUP_TRAINING), None, device,
                   steps=max(1, cfg.iwd.warmup_steps))
     net.eval()
+    direction = None
     if target == "validation":
-        params = [p for _, p in net.named_parameters()]
-        v = validation_gradient(net, pool.heldout_images, pool.heldout_labels, params, scale=cfg.lr_net)
-        dirs = {n: t for (n, _), t in zip(net.named_parameters(), v)}
-        return grad_dot(net, pool.images, pool.labels, dirs, chunk_size=512)
-    return grad_norm_sq(net, pool.images, pool.labels, chunk_size=512)
+        direction = validation_directions(net, pool.heldout_images, pool.heldout_labels, scale=cfg.lr_net)
+    return instance_scores(net, pool.images, pool.labels, target, direction)
 
 
 def initial_indices(cfg: DistillConfig, pool: RealPool, device, timer: PhaseTimer) -> Dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Dict
 
 import torch
 
-from ..scoring import dispatch as _dispatch
+from ..scoring import dispatch
 
 __all__ = ["report", "main"]
 
@@ -27,8 +27,8 @@ def report() -> Dict[str, object]:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     backends = {}
     for dev in devices:
-        backends[dev.type] = {impl: "ok" if why is None else why for impl, why in _dispatch.availability(dev).items()}
-        backends[dev.type]["auto picks (hook path)"] = _dispatch.auto_hook_impl(dev)
+        backends[dev.type] = {impl: "ok" if why is None else why for impl, why in dispatch.availability(dev).items()}
+        backends[dev.type]["auto picks (hook path)"] = dispatch.auto_hook_impl(dev)
     if not torch.cuda.is_available():
         backends["cuda"] = {"all": "no CUDA device visible to torch"}
     return {"versions": versions, "backends": backends}

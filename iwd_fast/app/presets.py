@@ -21,12 +21,13 @@ import copy
 import dataclasses
 from typing import Any, Dict, List, Tuple
 
+from ..distill import METHODS as _METHOD_CLASSES
 from ..distill.config import DistillConfig
 
 __all__ = ["PRESETS", "FIELD_LOOPS", "METHODS", "preset_config", "list_presets", "describe_preset",
            "loops_for_ipc"]
 
-METHODS = ("dc", "dsa", "dm")
+METHODS = tuple(_METHOD_CLASSES)
 
 # IPC -> (outer_loop, inner_loop): the DC/DSA reference repositories' table.
 FIELD_LOOPS: Dict[int, Tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20),

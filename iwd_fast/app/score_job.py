@@ -20,8 +20,7 @@ from ..data import add_label_noise, load_dataset, stratified_split
 from ..evaluate import EvalSpec, build_eval_network, test_accuracy, train_network
 from ..networks import NetSpec
 from ..runtime import resolve_device
-from ..scoring import grad_dot, grad_norm_sq
-from ..weighting.targets import validation_gradient
+from ..weighting.targets import instance_scores, validation_directions
 from ..weighting import InfluenceWeighter, auroc, sign_for, weight_mass_on
 
 __all__ = ["score_dataset"]
@@ -52,17 +51,15 @@ def score_dataset(dataset: str = "digits", target: str = "validation", *, noise:
         train_network(model, train.images[keep], labels[keep], spec, seed, None, dev, progress=progress)
     train_seconds = time.perf_counter() - started
     model.eval()
-    params = [p for _, p in model.named_parameters()]
     direction = None
     if target == "validation":
-        grads = validation_gradient(model, train.images[held].to(dev), labels[held].to(dev), params, scale=0.01)
-        direction = {n: g for (n, _), g in zip(model.named_parameters(), grads)}
+        direction = validation_directions(model, train.images[held].to(dev), labels[held].to(dev), scale=0.01)
     scores = torch.empty(len(train), dtype=torch.float64)
     started = time.perf_counter()
     for start in tqdm(range(0, len(train), batch), desc=f"score ({target})", disable=not progress):
         x = train.images[start:start + batch].to(dev)
         y = labels[start:start + batch].to(dev)
-        s = grad_dot(model, x, y, direction, impl=impl) if direction else grad_norm_sq(model, x, y, impl=impl)
+        s = instance_scores(model, x, y, target, direction, chunk_size=None, impl=impl)
         scores[start:start + batch] = s.detach().double().cpu()
     score_seconds = time.perf_counter() - started
     weighter = InfluenceWeighter(labels, train.num_classes, temperature=temperature, ema=0.0, sign=sign_for(target))

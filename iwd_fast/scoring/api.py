@@ -6,7 +6,6 @@ per sample unless impl="reference" asks for it.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -14,20 +13,19 @@ import torch.nn as nn
 
 from . import dispatch, oracle
 from .capture import Capture
-from .params import Directions, group_by_module, param_owners, stack_directions, trainable_parameters
+from .params import Directions, stack_directions, trainable_parameters
 from .jvp import grad_dot_jvp
-from .rules import UnsupportedLayerError, rule_for
-from .losses import LossSpec, check_targets, resolve_loss
+from .rules import UnsupportedLayerError, couples_samples
+from .losses import LossSpec, check_labels, resolve_loss
 
 __all__ = ["grad_dot", "grad_norm_sq"]
 
-_warned: set = set()
 
 
 def grad_dot(
     model: nn.Module,
     inputs: torch.Tensor,
-    targets: torch.Tensor,
+    labels: torch.Tensor,
     directions: Directions,
     *,
     loss: LossSpec = "cross_entropy",
@@ -39,11 +37,11 @@ def grad_dot(
     Args:
         model: any nn.Module; its current mode (train/eval) is used as is.
         inputs: [B, ...] batch.
-        targets: int64 labels [B] or soft labels [B, C] for cross entropy; anything ``loss`` accepts.
+        labels: int64 labels [B] or soft labels [B, C] for cross entropy; anything ``loss`` accepts.
         directions: {param_name: [*shape] or [K, *shape]} or a list of K such dicts; parameters not
             named contribute 0.
-        loss: "cross_entropy" or a callable (outputs, targets) -> per-sample losses [B].
-        impl: see ``iwd_fast._dispatch`` ("auto", "reference", "jvp", "torch", "cpu", "cuda", "triton").
+        loss: "cross_entropy" or a callable (outputs, labels) -> per-sample losses [B].
+        impl: see ``iwd_fast.scoring.dispatch`` ("auto", "reference", "jvp", "torch", "cpu", "cuda", "triton").
         chunk_size: samples per chunk for "reference" and the hook impls (bounds memory); None = all.
     Returns:
         [B] float tensor for one direction, [B, K] for K directions.
@@ -54,24 +52,24 @@ def grad_dot(
     if batch == 0:
         out = inputs.new_zeros((0, stacked.k), dtype=next(iter(stacked.tensors.values())).dtype)
         return out[:, 0] if stacked.single else out
-    concrete = _resolve(impl, model, list(stacked.tensors), inputs.device, allow_jvp=True)
+    concrete = dispatch.resolve_model_impl(impl, model, list(stacked.tensors), inputs.device, allow_jvp=True)
     if concrete == "reference":
         _check_no_batch_coupling(model)
-        _validate_targets(model, inputs, targets, loss)
-        s = oracle.grad_dot_reference(model, inputs, targets, stacked.tensors, loss_fn, chunk_size)
+        _validate_labels(model, inputs, labels, loss)
+        s = oracle.grad_dot_reference(model, inputs, labels, stacked.tensors, loss_fn, chunk_size)
     elif concrete == "jvp":
-        _validate_targets(model, inputs, targets, loss)
-        s = grad_dot_jvp(model, inputs, targets, stacked.tensors, loss_fn)
+        _validate_labels(model, inputs, labels, loss)
+        s = grad_dot_jvp(model, inputs, labels, stacked.tensors, loss_fn)
     else:
         s = _chunked(lambda: Capture(model, stacked.tensors, concrete), lambda cap: cap.grad_dot(None, "sum"),
-                     model, inputs, targets, loss, loss_fn, chunk_size)
+                     model, inputs, labels, loss, loss_fn, chunk_size)
     return s[:, 0] if stacked.single else s
 
 
 def grad_norm_sq(
     model: nn.Module,
     inputs: torch.Tensor,
-    targets: torch.Tensor,
+    labels: torch.Tensor,
     *,
     params: Optional[Sequence[str]] = None,
     loss: LossSpec = "cross_entropy",
@@ -93,86 +91,52 @@ def grad_norm_sq(
     if impl == "jvp":
         raise dispatch.ImplUnavailableError("grad_norm_sq: impl='jvp' needs one pass per parameter; use 'reference' "
                                              "or a hook impl")
-    concrete = _resolve(impl, model, names, inputs.device, allow_jvp=False)
+    concrete = dispatch.resolve_model_impl(impl, model, names, inputs.device, allow_jvp=False)
     if concrete == "reference":
         _check_no_batch_coupling(model)
-        _validate_targets(model, inputs, targets, loss)
-        return oracle.grad_norm_sq_reference(model, inputs, targets, names, loss_fn, chunk_size)
+        _validate_labels(model, inputs, labels, loss)
+        return oracle.grad_norm_sq_reference(model, inputs, labels, names, loss_fn, chunk_size)
     return _chunked(lambda: Capture(model), lambda cap: cap.grad_norm_sq(names, "sum", concrete), model, inputs,
-                    targets, loss, loss_fn, chunk_size)
+                    labels, loss, loss_fn, chunk_size)
 
 
 # -------------------------------------------------------------------------------------------------
 
-def _hook_path_problem(model: nn.Module, names: Sequence[str]) -> Optional[str]:
-    """Why the hook path cannot score these parameters of this model, or None."""
-    for owner, pairs in group_by_module(names, param_owners(model)).values():
-        label = owner.module_name or "<root>"
-        rule = rule_for(owner.module)
-        if rule is None:
-            return f"module {label!r} ({type(owner.module).__name__}) has no per-layer rule"
-        try:
-            rule.check(label, owner.module)
-        except UnsupportedLayerError as err:
-            return str(err)
-    return None
-
-
-def _resolve(impl: str, model: nn.Module, names: Sequence[str], device: torch.device, allow_jvp: bool) -> str:
-    if impl not in dispatch.IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; choose from {dispatch.IMPLS}")
-    if impl in ("reference", "jvp"):
-        return impl
-    problem = _hook_path_problem(model, names)
-    if impl != "auto":
-        if problem is not None:
-            raise UnsupportedLayerError(f"impl={impl!r}: {problem}")
-        dispatch.require(impl, device)
-        return impl
-    if problem is None:
-        return dispatch.auto_hook_impl(device)
-    fallback = "jvp" if allow_jvp else "reference"
-    if problem not in _warned:
-        _warned.add(problem)
-        warnings.warn(f"iwd_fast: {problem}; impl='auto' uses impl={fallback!r} for the whole model", stacklevel=3)
-    return fallback
-
-
 def _check_no_batch_coupling(model: nn.Module) -> None:
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+        if couples_samples(m):
             raise UnsupportedLayerError(
                 f"impl='reference' runs each sample alone, but {name} ({type(m).__name__}) is in training mode and "
                 "couples samples through batch statistics; use impl='jvp' or model.eval()")
 
 
-def _validate_targets(model, inputs, targets, loss) -> None:
+def _validate_labels(model, inputs, labels, loss) -> None:
     if callable(loss):
-        if targets.shape[0] != inputs.shape[0]:
-            raise ValueError(f"targets have {targets.shape[0]} rows but inputs have {inputs.shape[0]}")
+        if labels.shape[0] != inputs.shape[0]:
+            raise ValueError(f"labels have {labels.shape[0]} rows but inputs have {inputs.shape[0]}")
         return
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # a probe forward must not touch running stats
     with torch.no_grad():
         shape = torch.func.functional_call(model, buffers, (inputs[:1],), strict=False).shape
-    check_targets(loss, torch.Size((inputs.shape[0], *shape[1:])), targets, inputs.shape[0])
+    check_labels(loss, torch.Size((inputs.shape[0], *shape[1:])), labels, inputs.shape[0])
 
 
-def _chunked(make_capture, query, model, inputs, targets, loss, loss_fn, chunk_size):
+def _chunked(make_capture, query, model, inputs, labels, loss, loss_fn, chunk_size):
     """Run forward + backward of sum_i loss_i under a capture per chunk; concatenate query results.
     Dots stream inside the backward (the capture is built with the directions); norms read after it."""
     step = inputs.shape[0] if not chunk_size else int(chunk_size)
     parts = []
     for start in range(0, inputs.shape[0], step):
-        x, y = inputs[start:start + step], targets[start:start + step]
+        x, y = inputs[start:start + step], labels[start:start + step]
         cap = make_capture()
         with torch.enable_grad(), cap:
             out = model(x)
             if not callable(loss):
-                check_targets(loss, out.shape, y, x.shape[0])
+                check_labels(loss, out.shape, y, x.shape[0])
             losses = loss_fn(out, y)
             if losses.shape != (x.shape[0],):
                 raise ValueError(f"loss must return per-sample losses of shape [{x.shape[0]}], got {tuple(losses.shape)}")
-            wrt = cap.differentiable_targets()
+            wrt = cap.gradient_inputs()
             if not wrt:
                 raise RuntimeError("no supported layer with trainable parameters ran in the forward")
             torch.autograd.grad(losses.sum(), wrt, allow_unused=True)

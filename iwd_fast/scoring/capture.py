@@ -11,13 +11,15 @@ twice contributes both calls). Run only the real batch inside it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from . import dispatch
-from .params import Directions, group_by_module, param_owners, stack_directions, trainable_parameters
+from .params import (Directions, StackedDirections, group_by_module, param_owners, stack_directions,
+                     trainable_parameters)
 from .rules import Record, UnsupportedLayerError, rule_for
 
 __all__ = ["Capture", "capture"]
@@ -32,6 +34,17 @@ class _Call:
     output: Optional[torch.Tensor]  # dropped once its gradient has arrived
     version: int
     streamed: bool = False
+
+
+@dataclass
+class _Stream:
+    """Streaming state: the directions grouped by owning module and the running [B, K] total."""
+
+    stacked: StackedDirections
+    by_module: Dict[int, Tuple[object, Dict[str, torch.Tensor]]]  # id(module) -> (owner, {local name: [K, ...]})
+    impl: str
+    ops: Optional[SimpleNamespace] = None
+    total: Optional[torch.Tensor] = None
 
 
 class Capture:
@@ -50,13 +63,13 @@ class Capture:
         self.model = model
         self.calls: List[_Call] = []
         self._handles: list = []
-        self._stream = None
+        self._stream: Optional[_Stream] = None
         if directions is not None:
             stacked = stack_directions(model, directions)
             grouped = self._modules_for(list(stacked.tensors))
             by_module = {mid: (owner, {local: stacked.tensors[name] for name, local in pairs})
                          for mid, (owner, pairs) in grouped.items()}
-            self._stream = {"stacked": stacked, "by_module": by_module, "impl": impl, "ops": None, "total": None}
+            self._stream = _Stream(stacked, by_module, impl)
 
     # ---------------------------------------------------------------- recording
     def __enter__(self) -> "Capture":
@@ -81,7 +94,7 @@ class Capture:
             rec = call.record
             rec.delta = grad.detach() if rec.delta is None else rec.delta + grad.detach()
             call.output = None
-            if self._stream is not None and id(call.module) in self._stream["by_module"]:
+            if self._stream is not None and id(call.module) in self._stream.by_module:
                 self._consume(call)
 
         output.register_hook(keep)
@@ -89,15 +102,14 @@ class Capture:
     def _consume(self, call: _Call) -> None:
         """Streaming: fold this call's dot into the running total and release its tensors."""
         st, rec = self._stream, call.record
-        if st["ops"] is None:
-            concrete = dispatch.auto_hook_impl(rec.x.device) if st["impl"] == "auto" else st["impl"]
-            st["ops"] = dispatch.layer_ops(concrete, rec.x.device)
-        _, v = st["by_module"][id(call.module)]
-        term = _call_dot(call.module, rec, v, st["ops"])
-        st["total"] = term if st["total"] is None else st["total"] + term
+        if st.ops is None:
+            st.ops = dispatch.layer_ops(st.impl, rec.x.device)
+        _, v = st.by_module[id(call.module)]
+        term = _call_dot(call.module, rec, v, st.ops)
+        st.total = term if st.total is None else st.total + term
         rec.x, rec.delta, call.streamed = None, None, True
 
-    def differentiable_targets(self) -> List[torch.Tensor]:
+    def gradient_inputs(self) -> List[torch.Tensor]:
         """The cheapest tensors to differentiate a loss with respect to so that every hook fires.
 
         The recorded outputs themselves (no parameter-gradient work) unless one was modified in place
@@ -164,16 +176,16 @@ class Capture:
     def _streamed(self, sample_weights: SampleWeights) -> torch.Tensor:
         if self._stream is None:
             raise ValueError("grad_dot() without directions reads streamed scores: pass directions to capture()")
-        pending = [c for c in self.calls if id(c.module) in self._stream["by_module"] and not c.streamed]
-        if not self.calls or pending or self._stream["total"] is None:
-            names = sorted({o.module_name or "<root>" for o, _ in self._stream["by_module"].values()})
+        pending = [c for c in self.calls if id(c.module) in self._stream.by_module and not c.streamed]
+        if not self.calls or pending or self._stream.total is None:
+            names = sorted({o.module_name or "<root>" for o, _ in self._stream.by_module.values()})
             raise RuntimeError(f"no gradient reached the outputs of {names}: run the forward and the backward of "
                                "the real-batch loss inside the capture block")
-        total = self._stream["total"]
+        total = self._stream.total
         scale = _inverse_sample_weights(sample_weights, total.shape[0], total.device)
         if scale is not None:
             total = total * scale.to(total.dtype).unsqueeze(1)
-        return total[:, 0] if self._stream["stacked"].single else total
+        return total[:, 0] if self._stream.stacked.single else total
 
     # ---------------------------------------------------------------- helpers
     def _modules_for(self, names: Sequence[str]):
@@ -210,17 +222,12 @@ class Capture:
     def _prepare(self, impl: str, sample_weights: SampleWeights):
         if not self.calls:
             raise RuntimeError("nothing was captured: run the forward and backward inside `with capture(model)`")
-        if impl in ("reference", "jvp"):
-            raise dispatch.ImplUnavailableError(
-                f"impl={impl!r} recomputes the model and cannot work from captured tensors; use "
-                "iwd_fast.grad_dot(model, inputs, targets, ..., impl=...) instead")
         first = next((c.record.x for c in self.calls if c.record.x is not None), None)
         if first is None:
             raise RuntimeError("this capture streamed its dots and released every layer's tensors; call grad_dot() "
                                "without directions")
         device, batch = first.device, first.shape[0]
-        concrete = dispatch.auto_hook_impl(device) if impl == "auto" else impl
-        ops = dispatch.layer_ops(concrete, device)
+        ops = dispatch.layer_ops(impl, device)
         return ops, _inverse_sample_weights(sample_weights, batch, device)
 
     @staticmethod

@@ -11,18 +11,25 @@ impl values:
                (functional grad_dot: jvp when a layer is outside the hook path, with a warning)
 
 An explicitly requested impl never falls back: if it cannot run, ImplUnavailableError lists why.
+This module is the one place an impl is resolved: ``resolve_model_impl`` for the functional
+``grad_dot`` / ``grad_norm_sq`` (which may fall back to a model-level impl under "auto"), and
+``layer_ops`` for a capture (hook impls only).
 """
 from __future__ import annotations
 
-import os
+import warnings
 from types import SimpleNamespace
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 from . import reference
+from .params import group_by_module, param_owners
+from .rules import UnsupportedLayerError, rule_for
 
-__all__ = ["IMPLS", "HOOK_IMPLS", "ImplUnavailableError", "why_not", "layer_ops", "auto_hook_impl", "availability"]
+__all__ = ["IMPLS", "HOOK_IMPLS", "ImplUnavailableError", "why_not", "layer_ops", "auto_hook_impl", "availability",
+           "require", "resolve_model_impl", "hook_path_problem"]
 
 IMPLS = ("auto", "reference", "jvp", "torch", "cpu", "cuda", "triton")
 HOOK_IMPLS = ("torch", "cpu", "cuda", "triton")
@@ -59,14 +66,8 @@ def why_not(impl: str, device: torch.device) -> Optional[str]:
         return None
     from .backends import triton_ops as _triton_ops
 
-    ok, reason = _triton_ops.available()
-    if not ok:
-        return reason
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "Triton needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is imported) for CPU tensors"
-    if device.type not in ("cpu", "cuda"):
-        return f"Triton does not run on {device.type} tensors"
-    return None
+    ok, reason = _triton_ops.available(device)
+    return None if ok else reason
 
 
 def availability(device: torch.device) -> Dict[str, Optional[str]]:
@@ -90,7 +91,13 @@ def require(impl: str, device: torch.device) -> None:
 
 
 def layer_ops(impl: str, device: torch.device) -> SimpleNamespace:
-    """Backend namespace (conv_dot, linear_dot, affine_dot, linear_grad_norm_sq) for a hook impl."""
+    """Backend namespace (conv_dot, linear_dot, affine_dot, linear_grad_norm_sq) for a hook impl or "auto"."""
+    if impl in ("reference", "jvp"):
+        raise ImplUnavailableError(
+            f"impl={impl!r} recomputes the model and cannot work from captured tensors; use "
+            "iwd_fast.grad_dot(model, inputs, labels, ..., impl=...) instead")
+    if impl == "auto":
+        impl = auto_hook_impl(device)
     if impl not in HOOK_IMPLS:
         raise ImplUnavailableError(f"impl={impl!r} is not a per-layer backend; choose from {HOOK_IMPLS}")
     require(impl, device)
@@ -103,5 +110,49 @@ def layer_ops(impl: str, device: torch.device) -> SimpleNamespace:
                                affine_dot=_ops.affine_dot, linear_grad_norm_sq=_ops.linear_grad_norm_sq)
     from .backends import triton_ops as t
 
-    return SimpleNamespace(conv_dot=t.conv2d_dot, linear_dot=t.linear_dot, affine_dot=t.affine_dot,
+    return SimpleNamespace(conv_dot=t.conv_dot, linear_dot=t.linear_dot, affine_dot=t.affine_dot,
                            linear_grad_norm_sq=t.linear_grad_norm_sq)
+
+
+def hook_path_problem(model: nn.Module, names: Sequence[str]) -> Optional[str]:
+    """Why the hook path cannot score these parameters of this model, or None."""
+    for owner, pairs in group_by_module(names, param_owners(model)).values():
+        label = owner.module_name or "<root>"
+        rule = rule_for(owner.module)
+        if rule is None:
+            return f"module {label!r} ({type(owner.module).__name__}) has no per-layer rule"
+        try:
+            rule.check(label, owner.module)
+        except UnsupportedLayerError as err:
+            return str(err)
+    return None
+
+
+_warned: set = set()
+
+
+def resolve_model_impl(impl: str, model: nn.Module, names: Sequence[str], device: torch.device,
+                       allow_jvp: bool) -> str:
+    """The concrete impl for a functional call on ``model``'s parameters ``names``.
+
+    "auto" takes the first usable hook impl of AUTO_ORDER, or, when a layer is outside the hook path,
+    "jvp" (``allow_jvp``) or "reference", warning once per problem. An explicit impl is checked and
+    returned, or refused with the reason.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+    if impl in ("reference", "jvp"):
+        return impl
+    problem = hook_path_problem(model, names)
+    if impl != "auto":
+        if problem is not None:
+            raise UnsupportedLayerError(f"impl={impl!r}: {problem}")
+        require(impl, device)
+        return impl
+    if problem is None:
+        return auto_hook_impl(device)
+    fallback = "jvp" if allow_jvp else "reference"
+    if problem not in _warned:
+        _warned.add(problem)
+        warnings.warn(f"iwd_fast: {problem}; impl='auto' uses impl={fallback!r} for the whole model", stacklevel=4)
+    return fallback

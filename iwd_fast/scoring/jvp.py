@@ -19,7 +19,7 @@ __all__ = ["grad_dot_jvp"]
 def grad_dot_jvp(
     model: torch.nn.Module,
     inputs: torch.Tensor,
-    targets: torch.Tensor,
+    labels: torch.Tensor,
     directions: Mapping[str, torch.Tensor],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
@@ -36,7 +36,7 @@ def grad_dot_jvp(
         with fwAD.dual_level():
             duals = {n: fwAD.make_dual(primals[n], directions[n][j].to(primals[n].dtype)) for n in names}
             out = functional_call(model, {**duals, **buffers}, (inputs,), strict=False)
-            column = fwAD.unpack_dual(loss_fn(out, targets)).tangent
+            column = fwAD.unpack_dual(loss_fn(out, labels)).tangent
         columns.append(column if column is not None else torch.zeros(inputs.shape[0], dtype=out.dtype, device=out.device))
     return torch.stack(columns, dim=1)
 

@@ -11,47 +11,47 @@ from .checks import format_indices
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LossSpec = Union[str, PerSampleLoss]
 
-__all__ = ["PerSampleLoss", "LossSpec", "cross_entropy_per_sample", "resolve_loss", "check_targets"]
+__all__ = ["PerSampleLoss", "LossSpec", "cross_entropy_per_sample", "resolve_loss", "check_labels"]
 
 
-def cross_entropy_per_sample(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross entropy per sample, [B].
 
     Args:
         logits: [B, C] (or [B, C, *] for dense prediction, summed over the trailing positions).
-        targets: int64 class indices [B] (or [B, *]), or soft labels (probabilities) shaped like ``logits``.
+        labels: int64 class indices [B] (or [B, *]), or soft labels (probabilities) shaped like ``logits``.
     """
-    if targets.is_floating_point():
-        loss = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+    if labels.is_floating_point():
+        loss = -(labels * F.log_softmax(logits, dim=1)).sum(dim=1)
     else:
-        loss = F.cross_entropy(logits, targets, reduction="none")
+        loss = F.cross_entropy(logits, labels, reduction="none")
     return loss.reshape(loss.shape[0], -1).sum(dim=1) if loss.dim() > 1 else loss
 
 
 def resolve_loss(loss: LossSpec) -> PerSampleLoss:
-    """Turn ``"cross_entropy"`` or a callable ``(outputs, targets) -> [B]`` into a per-sample loss."""
+    """Turn ``"cross_entropy"`` or a callable ``(outputs, labels) -> [B]`` into a per-sample loss."""
     if callable(loss):
         return loss
     if loss in ("cross_entropy", "ce"):
         return cross_entropy_per_sample
-    raise ValueError(f"unknown loss {loss!r}: pass 'cross_entropy' or a callable (outputs, targets) -> [B]")
+    raise ValueError(f"unknown loss {loss!r}: pass 'cross_entropy' or a callable (outputs, labels) -> [B]")
 
 
-def check_targets(loss: LossSpec, outputs_shape: torch.Size, targets: torch.Tensor, batch: int) -> None:
-    """Validate targets before any work, naming offending indices (checks that vmap cannot do)."""
-    if targets.shape[0] != batch:
-        raise ValueError(f"targets have {targets.shape[0]} rows but inputs have {batch}")
+def check_labels(loss: LossSpec, outputs_shape: torch.Size, labels: torch.Tensor, batch: int) -> None:
+    """Validate labels before any work, naming offending indices (checks that vmap cannot do)."""
+    if labels.shape[0] != batch:
+        raise ValueError(f"labels have {labels.shape[0]} rows but inputs have {batch}")
     if callable(loss) or batch == 0:
         return
     num_classes = outputs_shape[1]
-    if targets.is_floating_point():
-        if targets.shape != outputs_shape:
-            raise ValueError(f"soft labels must have the logits' shape {tuple(outputs_shape)}, got {tuple(targets.shape)}")
-        bad = (~torch.isfinite(targets)).flatten(1).any(1) | (targets < 0).flatten(1).any(1)
+    if labels.is_floating_point():
+        if labels.shape != outputs_shape:
+            raise ValueError(f"soft labels must have the logits' shape {tuple(outputs_shape)}, got {tuple(labels.shape)}")
+        bad = (~torch.isfinite(labels)).flatten(1).any(1) | (labels < 0).flatten(1).any(1)
         if bad.any():
             raise ValueError(f"soft labels must be finite and non-negative; bad rows: {format_indices(bad)}")
         return
-    bad = (targets < 0) | (targets >= num_classes)
+    bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
         rows = bad.reshape(batch, -1).any(1)
         raise ValueError(f"labels outside [0, {num_classes}) at indices {format_indices(rows)}")

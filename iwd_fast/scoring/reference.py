@@ -25,6 +25,7 @@ __all__ = [
     "linear_grad_norm_sq",
     "conv_unfold",
     "choose_norm_method",
+    "conv_hyperparameters",
 ]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -64,6 +65,33 @@ def conv_dot(
     y = y.reshape(b, groups, k, cpg, positions)
     d = delta.reshape(b, groups, 1, cpg, positions)
     return (y * d).sum(dim=(1, 3, 4))
+
+
+def conv_hyperparameters(stride, padding, dilation, nd: int, op: str = "conv_dot") -> tuple:
+    """(stride, padding, dilation) of a convolution with ``nd`` spatial dims as tuples of ``nd`` ints.
+
+    Each may be an int or a sequence of ints (one entry is broadcast); padding must be numeric (a layer's
+    "same"/"valid" are resolved by the rule first). Shared by every backend's ``conv_dot``.
+    """
+    def per_dim(value, what: str) -> tuple:
+        if isinstance(value, str):
+            raise ValueError(f"{op}: {what} must be numeric, got {value!r} (resolve string padding first)")
+        if isinstance(value, int):
+            return (int(value),) * nd
+        try:
+            vals = tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{op}: {what} must be an int or a sequence of ints, got {value!r}") from None
+        if len(vals) == 1:
+            vals = vals * nd
+        if len(vals) != nd:
+            raise ValueError(f"{op}: {what} needs {nd} values for a {nd}d convolution, got {value!r}")
+        return vals
+
+    stride, padding, dilation = per_dim(stride, "stride"), per_dim(padding, "padding"), per_dim(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{op}: need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
+    return stride, padding, dilation
 
 
 def linear_dot(a: torch.Tensor, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import reference
 
-__all__ = ["Record", "UnsupportedLayerError", "rule_for", "SUPPORTED_TYPES"]
+__all__ = ["Record", "UnsupportedLayerError", "rule_for", "couples_samples", "SUPPORTED_TYPES"]
 
 
 class UnsupportedLayerError(ValueError):
@@ -33,6 +33,11 @@ class Record:
 
     x: torch.Tensor
     delta: Optional[torch.Tensor] = None
+
+
+def couples_samples(module: nn.Module) -> bool:
+    """True for a layer whose output for one sample depends on the others (BatchNorm on batch statistics)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None)
 
 
 class _Rule:
@@ -140,7 +145,7 @@ class NormRule(_Rule):
     types = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.batchnorm._BatchNorm)
 
     def check(self, name, module):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None):
+        if couples_samples(module):
             raise UnsupportedLayerError(
                 f"{name} ({type(module).__name__}) normalises with batch statistics (training mode), which couple "
                 "samples: a per-sample gradient is not defined. Use impl='jvp' (forward mode through the batch "

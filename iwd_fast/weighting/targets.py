@@ -14,13 +14,15 @@ influence on the distillation loss for explicit/implicit, benefit for validation
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..scoring import grad_dot, grad_norm_sq
+
 __all__ = ["TARGETS", "DISTILL_TARGETS", "check_target", "jvp_fd", "jvp_exact", "implicit_direction",
-           "validation_gradient", "matching_direction"]
+           "validation_gradient", "validation_directions", "instance_scores", "matching_direction"]
 
 TARGETS = ("explicit", "implicit", "validation", "self")
 DISTILL_TARGETS = ("explicit", "implicit")
@@ -97,6 +99,29 @@ def validation_gradient(net: torch.nn.Module, images: torch.Tensor, labels: torc
             if g is not None:
                 acc.add_(g)
     return [scale * t / n for t in total]
+
+
+def validation_directions(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                          scale: float = 1.0) -> Dict[str, torch.Tensor]:
+    """{parameter name: scale * grad of the mean held-out loss}: the validation target's direction."""
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    grads = validation_gradient(net, images, labels, [p for _, p in named], scale=scale)
+    return {n: g for (n, _), g in zip(named, grads)}
+
+
+def instance_scores(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, target: str,
+                    direction: Optional[Dict[str, torch.Tensor]] = None, chunk_size: Optional[int] = 512,
+                    impl: str = "auto") -> torch.Tensor:
+    """Raw scores [n] of instances at one network: "validation" <g_i, direction> (from
+    :func:`validation_directions`), "self" ||g_i||^2. The network's mode is used as is."""
+    if target == "validation":
+        if direction is None:
+            raise ValueError("instance_scores: target 'validation' needs the direction (validation_directions)")
+        return grad_dot(net, images, labels, direction, chunk_size=chunk_size, impl=impl)
+    if target == "self":
+        return grad_norm_sq(net, images, labels, chunk_size=chunk_size, impl=impl)
+    raise ValueError(f"instance_scores: target must be 'validation' or 'self' (explicit and implicit need a "
+                     f"synthetic set: they are scored inside a distillation loop), got {target!r}")
 
 
 def scores_from_capture(cap, target: str, names: Sequence[str], direction: Optional[Sequence[torch.Tensor]],

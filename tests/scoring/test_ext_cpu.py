@@ -275,8 +275,8 @@ def _opcheck_cases():
     gen = torch.Generator().manual_seed(8)
     conv = _conv_args(CONV_CASES[1], gen)
     conv_1x1 = _conv_args(CONV_CASES[6], gen, strided=True)
-    yield "conv2d_dot", conv
-    yield "conv2d_dot", conv_1x1
+    yield "conv_dot", conv
+    yield "conv_dot", conv_1x1
     yield "linear_dot", _linear_args(LINEAR_CASES[0], gen)
     yield "linear_dot", _linear_args(LINEAR_CASES[1], gen, strided=True)
     yield "affine_dot", _affine_args(AFFINE_CASES[0], gen)

@@ -116,7 +116,7 @@ def _dtypes_to_test():
 
 
 # ------------------------------------------------------------------------------------------------
-# conv2d_dot (and conv1d through it)
+# conv_dot (and conv1d through it)
 # ------------------------------------------------------------------------------------------------
 
 # (B, Cin, spatial, Cout, kernel, stride, padding, dilation, groups, K)
@@ -134,51 +134,51 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=[f"conv{i}" for i in range(len(CONV_CASES))])
-def test_conv2d_dot_fp32(case):
+def test_conv_dot_fp32(case):
     b, cin, sp, cout, ker, st, pad, dil, g, k = case
     x, v, delta, n, _ = _conv_case(b, cin, sp, cout, ker, st, pad, dil, g, k)
     args = [_dev(x, torch.float32), _dev(v, torch.float32), _dev(delta, torch.float32), st, pad, dil, g]
-    _check(kernels.conv2d_dot(*args), ref.conv_dot, args, n)
+    _check(kernels.conv_dot(*args), ref.conv_dot, args, n)
 
 
 @pytest.mark.parametrize("dtype", _dtypes_to_test(), ids=str)
-def test_conv2d_dot_dtypes(dtype):
+def test_conv_dot_dtypes(dtype):
     x, v, delta, n, _ = _conv_case(2, 4, (5, 6), 6, (3, 3), (1, 1), (1, 1), (1, 1), 2, 2, scale=0.5)
     args = [_dev(x, dtype), _dev(v, dtype), _dev(delta, dtype), (1, 1), (1, 1), (1, 1), 2]
-    _check(kernels.conv2d_dot(*args), ref.conv_dot, args, n)
+    _check(kernels.conv_dot(*args), ref.conv_dot, args, n)
 
 
-def test_conv2d_dot_non_contiguous():
+def test_conv_dot_non_contiguous():
     x, v, delta, n, _ = _conv_case(2, 3, (6, 5), 5, (3, 3), (2, 1), (1, 1), (1, 1), 1, 2)
     args = [_dev(x, torch.float32, True), _dev(v, torch.float32, True), _dev(delta, torch.float32, True),
             (2, 1), (1, 1), (1, 1), 1]
     assert not any(a.is_contiguous() for a in args[:3])
-    _check(kernels.conv2d_dot(*args), ref.conv_dot, args, n)
+    _check(kernels.conv_dot(*args), ref.conv_dot, args, n)
     # channels-last input: another stride pattern of the same values
     args[0] = args[0].contiguous(memory_format=torch.channels_last)
-    _check(kernels.conv2d_dot(*args), ref.conv_dot, args, n)
+    _check(kernels.conv_dot(*args), ref.conv_dot, args, n)
 
 
-def test_conv2d_dot_empty_batch():
+def test_conv_dot_empty_batch():
     x, v, delta, n, _ = _conv_case(0, 3, (5, 5), 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2)
-    out = kernels.conv2d_dot(_dev(x, torch.float32), _dev(v, torch.float32), _dev(delta, torch.float32),
+    out = kernels.conv_dot(_dev(x, torch.float32), _dev(v, torch.float32), _dev(delta, torch.float32),
                              (1, 1), (1, 1), (1, 1), 1)
     assert out.shape == (0, 2) and out.dtype == torch.float32
 
 
-def test_conv2d_dot_bad_shapes():
+def test_conv_dot_bad_shapes():
     x, v, delta, _, _ = _conv_case(2, 4, (5, 5), 6, (3, 3), (1, 1), (1, 1), (1, 1), 2, 2)
     x, v, delta = (_dev(t, torch.float32) for t in (x, v, delta))
     with pytest.raises(ValueError, match="delta"):
-        kernels.conv2d_dot(x, v, delta[:, :, :4], (1, 1), (1, 1), (1, 1), 2)
+        kernels.conv_dot(x, v, delta[:, :, :4], (1, 1), (1, 1), (1, 1), 2)
     with pytest.raises(ValueError, match="groups"):
-        kernels.conv2d_dot(x, v, delta, (1, 1), (1, 1), (1, 1), 1)
+        kernels.conv_dot(x, v, delta, (1, 1), (1, 1), (1, 1), 1)
     with pytest.raises(ValueError, match="expected"):
-        kernels.conv2d_dot(x.unsqueeze(2), v.unsqueeze(3), delta.unsqueeze(2), 1, 1, 1, 2)
+        kernels.conv_dot(x.unsqueeze(2), v.unsqueeze(3), delta.unsqueeze(2), 1, 1, 1, 2)
     with pytest.raises(ValueError, match="padding"):
-        kernels.conv2d_dot(x, v, delta, (1, 1), (1, 1, 1), (1, 1), 2)
+        kernels.conv_dot(x, v, delta, (1, 1), (1, 1, 1), (1, 1), 2)
     with pytest.raises(ValueError, match="padding"):
-        kernels.conv2d_dot(x, v, delta, (1, 1), "same", (1, 1), 2)
+        kernels.conv_dot(x, v, delta, (1, 1), "same", (1, 1), 2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ def test_deterministic():
     cargs = [_dev(t, torch.float32) for t in (x, v, delta)] + [(1, 1), (1, 1), (1, 1), 1]
     a, lv, ld, _ = _linear_case(1, 17, 5, 17, 1)
     largs = [_dev(t, torch.float32) for t in (a, lv, ld)]
-    for fn, args in [(kernels.conv2d_dot, cargs), (kernels.linear_dot, largs),
+    for fn, args in [(kernels.conv_dot, cargs), (kernels.linear_dot, largs),
                      (lambda a, v, d: kernels.linear_grad_norm_sq(a, d, "ghost"), largs),
                      (lambda a, v, d: kernels.linear_grad_norm_sq(a, d, "materialize"), largs)]:
         assert torch.equal(fn(*args), fn(*args))
@@ -362,7 +362,7 @@ def test_registered_ops_match_launchers():
     la, lv, ld = (_dev(t, torch.float32) for t in (a, lv, ld))
     (aff_d, aff_b, aff_x, aff_w), _ = _affine_args((2, 5, 7, 3), "both", torch.float32)
     pairs = [
-        (_triton_ops.conv2d_dot(cx, cv, cd, 1, 1, 1, 1), kernels.conv2d_dot(cx, cv, cd, 1, 1, 1, 1)),
+        (_triton_ops.conv_dot(cx, cv, cd, 1, 1, 1, 1), kernels.conv_dot(cx, cv, cd, 1, 1, 1, 1)),
         (_triton_ops.linear_dot(la, lv, ld), kernels.linear_dot(la, lv, ld)),
         (_triton_ops.affine_dot(aff_d, aff_b, aff_x, aff_w), kernels.affine_dot(aff_d, aff_b, aff_x, aff_w)),
         (_triton_ops.linear_grad_norm_sq(la, ld, "materialize"), kernels.linear_grad_norm_sq(la, ld, "materialize")),
@@ -386,7 +386,7 @@ def test_opcheck():
     c = [_dev(t, torch.float32) for t in (x, v, delta)]
     lin = [_dev(t, torch.float32) for t in (a, lv, ld)]
     cases = [
-        (ns.conv2d_dot.default, (*c, [1, 1], [1, 1], [1, 1], 1)),
+        (ns.conv_dot.default, (*c, [1, 1], [1, 1], [1, 1], 1)),
         (ns.linear_dot.default, tuple(lin)),
         (ns.affine_dot.default, (aff_d, aff_b, aff_x, aff_w)),
         (ns.linear_grad_norm_sq.default, (lin[0], lin[2], "ghost")),
@@ -413,7 +413,7 @@ import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from iwd_fast.kernels.affine_dot import _affine_dot_kernel
-from iwd_fast.kernels.conv_dot import _conv2d_dot_kernel
+from iwd_fast.kernels.conv_dot import _conv_dot_kernel
 from iwd_fast.kernels.linear_grad_norm_sq import _ghost_norm_kernel, _materialize_norm_kernel
 from iwd_fast.kernels.linear_dot import _linear_dot_kernel
 
@@ -425,7 +425,7 @@ def compile_one(kernel, ty, consts):
     assert "ptx" in cc.asm, kernel.__name__
 
 for ty in sys.argv[1:]:
-    compile_one(_conv2d_dot_kernel, ty, dict(KH=3, KW=3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, DOT_FP32=False))
+    compile_one(_conv_dot_kernel, ty, dict(KH=3, KW=3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, DOT_FP32=False))
     for flat in (True, False):
         compile_one(_linear_dot_kernel, ty, dict(FLAT_M=flat, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, DOT_FP32=False))
     compile_one(_ghost_norm_kernel, ty, dict(BLOCK_T=32, BLOCK_K=32, DOT_FP32=False))

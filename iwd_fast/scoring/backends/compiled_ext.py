@@ -34,7 +34,7 @@ def has_cuda_kernels() -> bool:
     """Whether the loaded extension registered CUDA kernels (it was built with nvcc)."""
     if load() is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("iwd_fast::conv2d_dot", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key("iwd_fast::conv_dot", "CUDA")
 
 
 def status() -> Dict[str, Tuple[bool, str]]:

@@ -1,9 +1,9 @@
 """Python face of the compiled ops ``torch.ops.iwd_fast.*``: fake kernels and wrappers.
 
-The wrappers take the signatures of the layer ops in ``iwd_fast.reference`` (the specification) and
+The wrappers take the signatures of the layer ops in ``iwd_fast.scoring.reference`` (the specification) and
 call the compiled kernels of ``iwd_fast._C`` (CPU: float32/float64; CUDA: float32/float16/bfloat16,
 results in float32 for the half types). Importing this module never fails; calling a wrapper when
-the extension is not built raises RuntimeError with the reason from ``iwd_fast._ext.status()``.
+the extension is not built raises RuntimeError with the reason from ``compiled_ext.status()``.
 
 The fake kernels (``torch.library.register_fake``) give torch.compile / FakeTensor the output shape
 and dtype of each op, so the wrappers compile with ``fullgraph=True``.
@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import compiled_ext as _ext
-from ..reference import choose_norm_method
+from ..reference import choose_norm_method, conv_hyperparameters
 
 __all__ = ["available", "conv_dot", "linear_dot", "affine_dot", "linear_grad_norm_sq"]
 
@@ -33,16 +33,16 @@ def _result_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _require(name: str) -> None:
     if not available():
-        raise RuntimeError(f"iwd_fast._ops.{name}: the compiled ops are unavailable: {_ext.status()['cpu'][1]}")
+        raise RuntimeError(f"iwd_fast.scoring.backends.compiled_ops.{name}: the compiled ops are unavailable: {_ext.status()['cpu'][1]}")
 
 
 if available():
 
-    @torch.library.register_fake("iwd_fast::conv2d_dot")
-    def _conv2d_dot_fake(x, v, delta, stride, padding, dilation, groups):
+    @torch.library.register_fake("iwd_fast::conv_dot")
+    def _conv_dot_fake(x, v, delta, stride, padding, dilation, groups):
         torch._check(x.dim() == 4 and v.dim() == 5 and delta.dim() == 4,
-                     lambda: "iwd_fast::conv2d_dot: x, v, delta must be 4-d, 5-d, 4-d")
-        torch._check(x.dtype == v.dtype == delta.dtype, lambda: "iwd_fast::conv2d_dot: dtype mismatch")
+                     lambda: "iwd_fast::conv_dot: x, v, delta must be 4-d, 5-d, 4-d")
+        torch._check(x.dtype == v.dtype == delta.dtype, lambda: "iwd_fast::conv_dot: dtype mismatch")
         return x.new_empty((x.shape[0], v.shape[0]), dtype=_result_dtype(x.dtype))
 
     @torch.library.register_fake("iwd_fast::linear_dot")
@@ -66,19 +66,6 @@ if available():
         return a.new_empty((a.shape[0],), dtype=_result_dtype(a.dtype))
 
 
-def _per_dim(value: Union[int, Sequence[int]], nd: int, name: str) -> list:
-    if isinstance(value, str):
-        raise ValueError(f"conv_dot: {name}={value!r}: give ints (the layer's resolved {name}), not a string")
-    if isinstance(value, int):
-        return [value] * nd
-    value = [int(e) for e in value]
-    if len(value) == 1:
-        return value * nd
-    if len(value) != nd:
-        raise ValueError(f"conv_dot: {name} has {len(value)} entries for a {nd}d convolution")
-    return value
-
-
 def conv_dot(x: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, stride: Union[int, Sequence[int]],
              padding: Union[int, Sequence[int]], dilation: Union[int, Sequence[int]], groups: int = 1) -> torch.Tensor:
     """Per-sample <dL_i/dW, V_k> of a 1d or 2d convolution (see ``reference.conv_dot``).
@@ -96,13 +83,12 @@ def conv_dot(x: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, stride: Unio
     nd = x.dim() - 2
     if nd not in (1, 2):
         raise ValueError(f"conv_dot: the compiled op supports 1d and 2d convolutions, got input of shape "
-                         f"{tuple(x.shape)} ({nd} spatial dims); use iwd_fast.reference.conv_dot")
-    stride, padding, dilation = (_per_dim(s, nd, n) for s, n in ((stride, "stride"), (padding, "padding"),
-                                                                 (dilation, "dilation")))
+                         f"{tuple(x.shape)} ({nd} spatial dims); use iwd_fast.scoring.reference.conv_dot")
+    stride, padding, dilation = conv_hyperparameters(stride, padding, dilation, nd)
     if nd == 1:  # a conv1d is a conv2d of height 1
         x, v, delta = x.unsqueeze(2), v.unsqueeze(3), delta.unsqueeze(2)
-        stride, padding, dilation = [1] + stride, [0] + padding, [1] + dilation
-    return torch.ops.iwd_fast.conv2d_dot(x, v, delta, stride, padding, dilation, groups)
+        stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+    return torch.ops.iwd_fast.conv_dot(x, v, delta, list(stride), list(padding), list(dilation), groups)
 
 
 def linear_dot(a: torch.Tensor, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

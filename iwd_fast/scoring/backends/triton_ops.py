@@ -14,7 +14,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["available", "ops", "conv2d_dot", "linear_dot", "affine_dot", "linear_grad_norm_sq"]
+from ..reference import conv_hyperparameters
+
+__all__ = ["available", "ops", "conv_dot", "linear_dot", "affine_dot", "linear_grad_norm_sq"]
 
 NAMESPACE = "iwd_fast_triton"
 _OPS: Optional[Dict[str, Callable]] = None
@@ -53,15 +55,15 @@ def _register() -> Dict[str, Callable]:
     from ... import kernels as k
 
     if not hasattr(torch.library, "triton_op"):  # torch < 2.6: plain launchers
-        return {"conv2d_dot": k.conv2d_dot, "linear_dot": k.linear_dot, "affine_dot": k.affine_dot,
+        return {"conv_dot": k.conv_dot, "linear_dot": k.linear_dot, "affine_dot": k.affine_dot,
                 "linear_grad_norm_sq": k.linear_grad_norm_sq}
 
     triton_op = torch.library.triton_op
 
-    @triton_op(f"{NAMESPACE}::conv2d_dot", mutates_args=())
-    def conv2d_dot_op(x: Tensor, v: Tensor, delta: Tensor, stride: List[int], padding: List[int],
+    @triton_op(f"{NAMESPACE}::conv_dot", mutates_args=())
+    def conv_dot_op(x: Tensor, v: Tensor, delta: Tensor, stride: List[int], padding: List[int],
                       dilation: List[int], groups: int) -> Tensor:
-        return k.conv2d_dot(x, v, delta, stride, padding, dilation, groups)
+        return k.conv_dot(x, v, delta, stride, padding, dilation, groups)
 
     @triton_op(f"{NAMESPACE}::linear_dot", mutates_args=())
     def linear_dot_op(a: Tensor, v: Tensor, delta: Tensor) -> Tensor:
@@ -76,7 +78,7 @@ def _register() -> Dict[str, Callable]:
     def linear_grad_norm_sq_op(a: Tensor, delta: Tensor, method: str = "auto") -> Tensor:
         return k.linear_grad_norm_sq(a, delta, method)
 
-    return {"conv2d_dot": conv2d_dot_op, "linear_dot": linear_dot_op, "affine_dot": affine_dot_op,
+    return {"conv_dot": conv_dot_op, "linear_dot": linear_dot_op, "affine_dot": affine_dot_op,
             "linear_grad_norm_sq": linear_grad_norm_sq_op}
 
 
@@ -91,20 +93,10 @@ def ops() -> Dict[str, Callable]:
     return _OPS
 
 
-def _int_list(value, nd: int) -> List[int]:
-    if isinstance(value, str):
-        raise ValueError(f"conv2d_dot: numeric stride/padding/dilation only, got {value!r}")
-    if isinstance(value, int):
-        return [int(value)] * nd
-    return [int(v) for v in value]
-
-
-def conv2d_dot(x: Tensor, v: Tensor, delta: Tensor, stride, padding, dilation, groups: int = 1) -> Tensor:
-    """Triton ``reference.conv_dot`` for conv1d/conv2d: [B, K]. See ``iwd_fast.kernels.conv2d_dot``."""
-    nd = x.dim() - 2
-    return ops()["conv2d_dot"](x, v, delta, _int_list(stride, nd), _int_list(padding, nd),
-                               _int_list(dilation, nd),
-                               int(groups))
+def conv_dot(x: Tensor, v: Tensor, delta: Tensor, stride, padding, dilation, groups: int = 1) -> Tensor:
+    """Triton ``reference.conv_dot`` for conv1d/conv2d: [B, K]. See ``iwd_fast.kernels.conv_dot``."""
+    stride, padding, dilation = conv_hyperparameters(stride, padding, dilation, x.dim() - 2)
+    return ops()["conv_dot"](x, v, delta, list(stride), list(padding), list(dilation), int(groups))
 
 
 def linear_dot(a: Tensor, v: Tensor, delta: Tensor) -> Tensor:
