@@ -59,6 +59,7 @@ def _extensions():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
+    cxx.append(f'-DIWD_FAST_TORCH_VERSION="{torch.__version__}"')
 
     if no_cuda is None:
         _say(f"building _C with CPU and CUDA ops (torch {torch.__version__}, CUDA {torch.version.cuda}, "
@@ -67,7 +68,7 @@ def _extensions():
             "iwd_fast._C",
             sources + cuda_sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx + ["-DIWD_FAST_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link,
         )
     else:

@@ -1,24 +1,42 @@
-// Schemas of the iwd_fast ops and the (empty) Python module iwd_fast._C.
+// Schemas of the iwd_fast ops and the Python module iwd_fast._C (pybind11 module glue).
 //
-// The ops are the compiled backends of the layer ops in iwd_fast/reference.py (the specification).
-// Kernels are registered per dispatch key in csrc/cpu/grad_dot_cpu.cpp (CPU) and
-// csrc/cuda/grad_dot_cuda.cu (CUDA); fake (meta) kernels live in iwd_fast/_ops.py.
-// Importing iwd_fast._C loads this shared library, which runs the registrations below; the module
-// itself defines nothing (the ops are reached through torch.ops.iwd_fast.*).
-#include <Python.h>
+// The ops are the compiled backends of the layer ops in iwd_fast/scoring/reference.py (the
+// specification). Kernels are registered per dispatch key in csrc/cpu/grad_dot_cpu.cpp (CPU) and
+// csrc/cuda/grad_dot_cuda.cu (CUDA); fake (meta) kernels live in iwd_fast/scoring/backends/compiled_ops.py.
+// Importing iwd_fast._C loads this shared library, which runs the registrations below; the ops are
+// reached through torch.ops.iwd_fast.*. The module itself only reports how it was built.
+//
+// pybind11 comes from torch's own include tree (torch ships the copy it was built with), so the module
+// glue always matches the torch it links against.
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
-extern "C" {
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "_C",
-      "iwd_fast compiled ops; use torch.ops.iwd_fast.* or the wrappers in iwd_fast._ops",
-      -1,
-      nullptr,
-  };
-  return PyModule_Create(&module_def);
-}
+#ifndef IWD_FAST_TORCH_VERSION
+#define IWD_FAST_TORCH_VERSION "unknown"
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "iwd_fast compiled ops; use torch.ops.iwd_fast.* or iwd_fast.scoring.backends.compiled_ops";
+  m.def(
+      "build_info",
+      []() {
+        py::dict info;
+#ifdef IWD_FAST_WITH_CUDA
+        info["cuda_kernels"] = true;
+#else
+        info["cuda_kernels"] = false;
+#endif
+#ifdef _OPENMP
+        info["openmp"] = true;
+#else
+        info["openmp"] = false;
+#endif
+        info["torch_version"] = IWD_FAST_TORCH_VERSION;
+        return info;
+      },
+      "How this extension was built: {'cuda_kernels': bool, 'openmp': bool, 'torch_version': str}.");
 }
 
 TORCH_LIBRARY(iwd_fast, m) {

@@ -1,6 +1,6 @@
 """Evaluate a synthetic set the way the field does: train fresh networks on it, test on real data.
 
-SCIENCE.md section 5: for each of ``num_nets`` networks (seed ``seed * 1000 + j``), SGD with lr 0.01,
+METHOD.md section 5: for each of ``num_nets`` networks (seed ``seed * 1000 + j``), SGD with lr 0.01,
 momentum 0.9, weight decay 5e-4, lr x0.1 at half the epochs, batch 256, 1000 epochs with DSA augmentation
 or 300 without; the score is the test accuracy after the FINAL epoch (not the best epoch), reported as
 mean and population std (ddof=0) over the networks. Every random number (initialisation, shuffling, DSA
@@ -30,7 +30,7 @@ __all__ = ["EvalSpec", "evaluate_synthetic", "train_network", "test_accuracy", "
 
 @dataclass
 class EvalSpec:
-    """Evaluation protocol (SCIENCE.md section 5): train ``num_nets`` fresh networks on the synthetic set."""
+    """Evaluation protocol (METHOD.md section 5): train ``num_nets`` fresh networks on the synthetic set."""
 
     num_nets: int = 5
     epochs: int = 300           # 1000 with DSA augmentation in the field's protocol

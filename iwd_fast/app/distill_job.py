@@ -61,7 +61,7 @@ def initial_indices(cfg: DistillConfig, pool: RealPool, device, timer: PhaseTime
 
     "random": uniform per class. "weighted"/"proportional": a warm-up network scores the pool with
     ``iwd.init_influence`` (self-influence by default: it flags flipped labels best at a trained network,
-    SCIENCE.md section 2; explicit and implicit scores need a synthetic set, which does not exist yet);
+    METHOD.md section 2; explicit and implicit scores need a synthetic set, which does not exist yet);
     then the highest-weight instances of each class ("weighted") or a draw in proportion to the weights.
     """
     mode = cfg.iwd.init

@@ -7,6 +7,7 @@ from typing import Dict
 import torch
 
 from ..scoring import dispatch
+from ..scoring.backends import compiled_ext
 
 __all__ = ["report", "main"]
 
@@ -24,6 +25,8 @@ def report() -> Dict[str, object]:
     from .. import __version__
 
     versions["iwd_fast"] = __version__
+    info = compiled_ext.build_info()
+    versions["iwd_fast._C"] = "not built" if info is None else ", ".join(f"{k}={v}" for k, v in info.items())
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     backends = {}
     for dev in devices:
@@ -36,7 +39,7 @@ def report() -> Dict[str, object]:
 
 def format_report(rep: Dict[str, object]) -> str:
     lines = ["iwd_fast environment", ""]
-    lines += [f"  {k:<10} {v}" for k, v in rep["versions"].items()]
+    lines += [f"  {k:<12} {v}" for k, v in rep["versions"].items()]
     for dev, table in rep["backends"].items():
         lines += ["", f"backends for {dev} tensors:"]
         lines += [f"  {impl:<22} {why}" for impl, why in table.items()]

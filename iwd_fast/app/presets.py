@@ -4,7 +4,7 @@ A preset is a set of partial :class:`~iwd_fast.config.DistillConfig` overrides: 
 every method, ``"dc"``/``"dsa"``/``"dm"`` on top of it, and ``"loops"`` maps IPC -> (outer_loop,
 inner_loop) for the gradient-matching methods. Nested dataclasses (``net``, ``eval``, ``iwd``) are
 given as dicts of the fields that change. ``preset_config(name, method, dataset, ipc)`` builds the
-config. Only ``"paper"`` is the field's protocol (SCIENCE.md section 5); the others say "reduced".
+config. Only ``"paper"`` is the field's protocol (METHOD.md section 5); the others say "reduced".
 
 Evaluation follows the reference repositories: DC is evaluated without augmentation (300 epochs),
 DSA and DM with DSA augmentation (1000 epochs). At IPC 10 an epoch over the synthetic set is ONE SGD
@@ -38,7 +38,7 @@ _FIELD_EVAL = {"num_nets": 5, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {
-        "description": "the field's full protocol (SCIENCE.md section 5): ConvNet-3 width 128 instancenorm; "
+        "description": "the field's full protocol (METHOD.md section 5): ConvNet-3 width 128 instancenorm; "
                        "DC/DSA 1000 iterations, lr_img 0.1, batch_real 256, loops by IPC; DM 20000 iterations, "
                        "lr_img 1.0; eval 5 nets, 1000 epochs with DSA (DSA, DM) / 300 without (DC)",
         "strict_ipc": True,   # the field defines loops only for the IPC values of FIELD_LOOPS

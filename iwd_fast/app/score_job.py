@@ -2,8 +2,8 @@
 
 Trains a ConvNet for a few epochs on the (optionally label-noised) training split minus a stratified
 held-out split, or loads one, then scores every training instance with a target:
-  validation  s_i = eta * <g_i, grad L_heldout>  (SCIENCE.md 2c: positive = helps the held-out loss)
-  self        s_i = ||g_i||^2                    (SCIENCE.md 2e: small = more trusted)
+  validation  s_i = eta * <g_i, grad L_heldout>  (METHOD.md 2c: positive = helps the held-out loss)
+  self        s_i = ||g_i||^2                    (METHOD.md 2e: small = more trusted)
 and writes scores, weights (InfluenceWeighter file) and a summary.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ __all__ = ["NetSpec", "EvalSpec", "IWDSpec", "DistillConfig"]
 
 @dataclass
 class IWDSpec:
-    """Influence weighting (SCIENCE.md sections 2 and 4).
+    """Influence weighting (METHOD.md sections 2 and 4).
 
     Defaults chosen by measurement (benchmarks/RESULTS.md: DC, label-noised Fashion-MNIST, paired seeds):
     the validation target puts the least weight on flipped labels in the loop, and a self-influence

@@ -2,7 +2,7 @@
 
 Per iteration a fresh random network embeds a real batch and the synthetic images of every class; the
 synthetic class mean is pulled towards the real class mean. IWD makes the real mean a weighted mean
-(SCIENCE.md section 1). Its explicit score is an embedding dot, s_i = <f(x_i), v> with
+(METHOD.md section 1). Its explicit score is an embedding dot, s_i = <f(x_i), v> with
 v = d||mu_w - mu_syn||^2 / d mu_w: nearly free. Validation and self targets score the real batch at
 the same random network through a captured classification backward (an extra forward/backward on
 scoring steps).

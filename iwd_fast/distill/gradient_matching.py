@@ -3,7 +3,7 @@
 Per iteration a fresh network is drawn; for ``outer_loop`` steps the synthetic images of every class
 are updated so that the network's gradient on them matches its gradient on a real batch of the class,
 then the network trains ``inner_loop`` epochs on the synthetic set. IWD changes one line: the real
-loss is the weighted mean sum_i wn_i CE_i (SCIENCE.md section 1), and the real backward the loop
+loss is the weighted mean sum_i wn_i CE_i (METHOD.md section 1), and the real backward the loop
 already runs is captured to score the batch.
 """
 from __future__ import annotations

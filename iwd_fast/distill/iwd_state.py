@@ -50,7 +50,7 @@ class IWDState:
         return step % self.refresh == 0
 
     def validation_direction(self, net: nn.Module, pool: RealPool, scale: float) -> List[torch.Tensor]:
-        """scale * gradient of the mean loss of a random held-out batch (SCIENCE.md 2c), one per parameter."""
+        """scale * gradient of the mean loss of a random held-out batch (METHOD.md 2c), one per parameter."""
         n = pool.heldout_labels.shape[0]
         pick = torch.randperm(n, generator=self.generator)[:self.heldout_batch].to(pool.heldout_labels.device)
         params = [p for p in net.parameters()]

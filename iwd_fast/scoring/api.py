@@ -1,7 +1,7 @@
 """Public scoring functions: per-sample gradient dot products and squared norms of a model.
 
 ``grad_dot(model, x, y, directions)`` is the one operation every influence score reduces to
-(SCIENCE.md sections 2-3): s_i = <grad_theta loss(f(x_i), y_i), v>, never materialising grad_theta
+(METHOD.md sections 2-3): s_i = <grad_theta loss(f(x_i), y_i), v>, never materialising grad_theta
 per sample unless impl="reference" asks for it.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def grad_norm_sq(
 ) -> torch.Tensor:
     """Per-sample squared gradient norms ||grad_theta loss_i||^2 over ``params`` (default: all trainable), [B].
 
-    The self-influence score (SCIENCE.md 2e). impl: "auto", "reference", or a hook impl
+    The self-influence score (METHOD.md 2e). impl: "auto", "reference", or a hook impl
     ("torch", "cpu", "cuda", "triton"); "jvp" would need one pass per parameter and is refused.
     """
     names = list(params) if params is not None else list(trainable_parameters(model))

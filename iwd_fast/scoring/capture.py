@@ -157,7 +157,7 @@ class Capture:
         """Per-sample ||grad_theta loss_i||^2 over ``params`` (default: every trainable parameter), [B].
 
         Linear and convolution weights choose per layer between the ghost form and materialising
-        (SCIENCE.md section 3). Tied parameters (one tensor in several modules) are refused.
+        (METHOD.md section 3). Tied parameters (one tensor in several modules) are refused.
         """
         names = list(params) if params is not None else list(trainable_parameters(self.model))
         owners = param_owners(self.model)

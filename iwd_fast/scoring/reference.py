@@ -166,7 +166,7 @@ def linear_grad_norm_sq(a: torch.Tensor, delta: torch.Tensor, method: str = "aut
     Args:
         a: [B, T, d]; delta: [B, T, p].
         method: "ghost" (sum of (A A^T) * (D D^T), O(T^2 (d + p))), "materialize" (O(T p d) per sample),
-            or "auto" (ghost iff T^2 (d + p) < p d (T + 1), SCIENCE.md section 3).
+            or "auto" (ghost iff T^2 (d + p) < p d (T + 1), METHOD.md section 3).
     Returns:
         [B].
     """

@@ -1,4 +1,4 @@
-"""Drop-in pieces that put instance weights into other people's distillation loops (SCIENCE.md section 1).
+"""Drop-in pieces that put instance weights into other people's distillation loops (METHOD.md section 1).
 
 The weight enters a base method at exactly one place:
 
@@ -60,7 +60,7 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
         validate: check the weights (costs one host sync on GPU); set False inside hot loops.
 
     Pass the weights of ONE class (or class-wise normalised weights) to reproduce the per-class weighted
-    mean of SCIENCE.md section 1; gradients flow into ``weights`` too, so dL/dw is available by autograd.
+    mean of METHOD.md section 1; gradients flow into ``weights`` too, so dL/dw is available by autograd.
     """
     if logits.dim() != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"weighted_cross_entropy: expected logits [B, C] and labels [B], got "

@@ -1,6 +1,6 @@
 """Influence targets: the direction v whose dot with each real instance's gradient is its score.
 
-SCIENCE.md section 2, every target as <g_i, v> (or ||g_i||^2):
+METHOD.md section 2, every target as <g_i, v> (or ||g_i||^2):
 
 * "explicit"   (2a) v_c = dD/d(target_c): gradient of the class matching loss w.r.t. the real statistic.
 * "implicit"   (2b) d_c = v_c - alpha * J_v(u): the explicit direction corrected by a one-step look-ahead
@@ -79,7 +79,7 @@ def jvp_exact(v_fn: VectorFn, s: torch.Tensor, u: torch.Tensor) -> List[torch.Te
 
 def implicit_direction(v: Sequence[torch.Tensor], v_fn: VectorFn, s: torch.Tensor, u: torch.Tensor,
                        alpha: float, exact: bool = False) -> List[torch.Tensor]:
-    """d = v - alpha * J_v(u) (SCIENCE.md 2b): the direction after one look-ahead step S' = S - alpha u."""
+    """d = v - alpha * J_v(u) (METHOD.md 2b): the direction after one look-ahead step S' = S - alpha u."""
     ju = jvp_exact(v_fn, s, u) if exact else jvp_fd(v_fn, s, u)
     return [a - alpha * b for a, b in zip(v, ju)]
 

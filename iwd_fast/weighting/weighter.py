@@ -1,4 +1,4 @@
-"""From influence scores to per-instance weights (SCIENCE.md sections 2 and 4).
+"""From influence scores to per-instance weights (METHOD.md sections 2 and 4).
 
 :class:`InfluenceWeighter` keeps one running score per real instance (EMA over refreshes) and turns the
 scores into weights with a per-class z-scored, temperature-scaled softmax whose mean is 1 in every class:
@@ -30,7 +30,7 @@ from .metrics import weight_mass_on
 
 __all__ = ["InfluenceWeighter", "SIGN_POLICIES", "sign_for", "labels_fingerprint"]
 
-# target -> {accepted policy: sign}; "auto" for explicit/implicit is "consistent" (SCIENCE.md section 2).
+# target -> {accepted policy: sign}; "auto" for explicit/implicit is "consistent" (METHOD.md section 2).
 SIGN_POLICIES: Dict[str, Dict[str, int]] = {
     "explicit": {"auto": -1, "consistent": -1, "informative": +1},
     "implicit": {"auto": -1, "consistent": -1, "informative": +1},
@@ -44,7 +44,7 @@ _FORMAT = "iwd_fast.InfluenceWeighter/1"
 def sign_for(target: str, policy: str = "auto") -> int:
     """Sign (+1 or -1) that makes "larger signed score = larger weight" right for ``target`` and ``policy``.
 
-    "auto" for explicit/implicit means "consistent" (-1): the probe in SCIENCE.md section 2 found that
+    "auto" for explicit/implicit means "consistent" (-1): benchmarks/RESULTS.md measured that
     "informative" amplifies mislabeled instances. validation and self only accept "auto".
     """
     if target not in SIGN_POLICIES:
@@ -240,7 +240,7 @@ class InfluenceWeighter:
 
     def normalized_batch_weights(self, indices: torch.Tensor,
                                  labels_of_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Class-wise normalised batch weights wn_i = w_i / sum_{j in B_c} w_j, float32 [m] (SCIENCE.md 1).
+        """Class-wise normalised batch weights wn_i = w_i / sum_{j in B_c} w_j, float32 [m] (METHOD.md 1).
 
         Within every class present in the batch the returned weights sum to 1. ``labels_of_batch`` [m]
         (default: the stored labels of ``indices``) must agree with the stored labels.

@@ -1,4 +1,4 @@
-"""Tests for iwd_fast.presets: every preset builds a valid config; "paper" is SCIENCE.md section 5."""
+"""Tests for iwd_fast.presets: every preset builds a valid config; "paper" is METHOD.md section 5."""
 import pytest
 
 from iwd_fast.distill.config import DistillConfig

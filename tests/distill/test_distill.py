@@ -85,7 +85,7 @@ def test_weighted_real_loss_gradient_is_weighted_mean_of_per_sample_gradients():
 
 
 def test_implicit_jvp_finite_difference_matches_autodiff():
-    """J_v(u) of the DC matching direction: central difference vs exact double backward (SCIENCE 2b)."""
+    """J_v(u) of the DC matching direction: central difference vs exact double backward (METHOD.md 2b)."""
     torch.manual_seed(1)
     net = build_network("convnet", 1, 3, (8, 8), width=5, depth=2).double()
     params = list(net.parameters())

@@ -30,7 +30,7 @@ def _scored(labels, c=3, seed=1, **kw):
 
 
 def _ref_weights(scores, labels, c, temperature=1.0, sign=1, floor=0.0, eps=1e-8):
-    """Float64 numpy version of SCIENCE.md section 4 for fully scored data."""
+    """Float64 numpy version of METHOD.md section 4 for fully scored data."""
     s = np.asarray(scores, dtype=np.float64)
     lab = np.asarray(labels)
     w = np.ones_like(s)

@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["load", "status", "has_cuda_kernels"]
+__all__ = ["load", "status", "build_info", "has_cuda_kernels"]
 
 _module = None
 _error: Optional[str] = None
@@ -30,17 +30,26 @@ def load():
     return _module
 
 
+def build_info() -> Optional[Dict[str, object]]:
+    """How the loaded extension was built ({"cuda_kernels", "openmp", "torch_version"}), or None."""
+    module = load()
+    return None if module is None else dict(module.build_info())
+
+
 def has_cuda_kernels() -> bool:
     """Whether the loaded extension registered CUDA kernels (it was built with nvcc)."""
-    if load() is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("iwd_fast::conv_dot", "CUDA")
+    info = build_info()
+    return bool(info and info["cuda_kernels"])
 
 
 def status() -> Dict[str, Tuple[bool, str]]:
     """{"cpu": (usable, reason), "cuda": (usable, reason)} for the compiled ops."""
     if load() is None:
         why = f"iwd_fast._C not built (IWD_FAST_BUILD_EXT=0 or build failed): {_error}"
+        return {"cpu": (False, why), "cuda": (False, why)}
+    built_for = build_info()["torch_version"]
+    if built_for != torch.__version__:
+        why = f"iwd_fast._C was built for torch {built_for}, this is torch {torch.__version__}: reinstall iwd_fast"
         return {"cpu": (False, why), "cuda": (False, why)}
     cpu = (True, "iwd_fast._C loaded")
     if not has_cuda_kernels():
