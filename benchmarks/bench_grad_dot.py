@@ -1,6 +1,8 @@
-"""Benchmark per-sample gradient dot products s_i = <grad loss_i, v> against plain forward+backward.
+"""Per-sample gradient dot products s_i = <grad loss_i, v> against plain forward+backward: the correctness
+gate, peak memory, and the report joining them with the pytest-benchmark timings.
 
-For each model, in one run and side by side (timed round-robin, see harness.time_interleaved):
+Timing is pytest-benchmark's job (test_bench_grad_dot.py, one group per model); this script measures
+what pytest-benchmark cannot, with the same paths (grad_dot_paths.py):
 
   plain fwd+bwd            mean cross entropy, torch.autograd.grad over the parameters (the baseline)
   capture+X                the same forward+backward inside iwd_fast.capture(net), then
@@ -11,18 +13,23 @@ For each model, in one run and side by side (timed round-robin, see harness.time
                            every usable hook impl
   opacus / backpack        anchors when installed: per-sample gradients, then the dot
 
-Before timing, every path's output is checked once against impl="reference" in float32; samples off
-by more than --tol are recomputed in float64 (a ReLU-kink flip between batched and per-sample float32
-forwards is legitimate, a wrong kernel is not); a path that stays off is reported WRONG and not timed. Peak memory is measured after all
-timing (harness.measure_peak). Results: a markdown table per model on stdout, one JSON line per path
-appended to --out. Targets are reported with PASS/MISS, never asserted.
+Every path's output is checked against impl="reference" in float32; samples off by more than --tol are
+recomputed in float64 (a ReLU-kink flip between batched and per-sample float32 forwards is legitimate,
+a wrong kernel is not); a path that stays off is reported WRONG. Then peak memory per path
+(harness.measure_peak). With --timings, the pytest-benchmark JSON of the same models is joined in:
+ratios of medians (and of minima) to the plain forward+backward of the same run. Results: a markdown
+table per model on stdout, one JSON line per path appended to --out. Targets are reported with
+PASS/MISS, never asserted.
 
-    python benchmarks/bench_grad_dot.py                 # full round (~10 min on 2 idle CPU cores)
-    python benchmarks/bench_grad_dot.py --quick         # tiny widths and batches (~1 min), for CI
+    pytest benchmarks/test_bench_grad_dot.py --benchmark-only --bench-threads 1 \
+        --benchmark-json=benchmarks/results/pytest_grad_dot.json
+    python benchmarks/bench_grad_dot.py --threads 1 --timings benchmarks/results/pytest_grad_dot.json
+    python benchmarks/bench_grad_dot.py --quick         # tiny widths and batches, for CI
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import uuid
 from dataclasses import dataclass, replace
@@ -32,11 +39,6 @@ import torch
 
 import harness
 from grad_dot_paths import FULL, QUICK, Inputs, ModelSpec, Path, build_paths, check_paths, impl_reasons, make_inputs
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # tqdm is a dependency of iwd_fast; keep the benchmark usable without it
-    tqdm = None
 
 # (description, path or "best-functional", metric, family -> threshold, comparison)
 TARGETS = (
@@ -88,16 +90,23 @@ def check(case: Case, tol: float, reasons, anchors: bool) -> None:
             print(f"  check {case.spec.key:18s} {p.name:24s} ERROR {p.reason}", flush=True)
 
 
-def time_case(case: Case, repeats: int, slow_repeats: int) -> None:
-    ready = [p for p in case.paths if p.status == "ok"]
-    counts = {p.name: min(repeats, slow_repeats) if p.slow else repeats for p in ready}
-    bar = tqdm(total=sum(counts.values()), desc=f"time {case.spec.key}", leave=False, file=sys.stderr) if tqdm else None
-    res = harness.time_interleaved({p.name: p.fn for p in ready}, counts, case.device, warmup=0,
-                                   progress=bar.update if bar else None)
-    if bar:
-        bar.close()
-    for p in ready:
-        p.timing = res[p.name]
+def load_timings(case: Case, pytest_json: str) -> str:
+    """Attach the pytest-benchmark rounds of this model's paths; returns the sha the timings were taken at."""
+    doc = json.loads(open(pytest_json).read())
+    shas = set()
+    by = {p.name: p for p in case.paths}
+    for bench in doc.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if info.get("model") != case.spec.key or info.get("path") not in by:
+            continue
+        if info.get("batch") != case.spec.batch or info.get("k") != case.inputs.k:
+            raise SystemExit(f"{pytest_json}: {case.spec.key} was timed at batch {info.get('batch')}, K {info.get('k')}; "
+                             f"this run measures batch {case.spec.batch}, K {case.inputs.k}")
+        shas.add(info.get("git_sha"))
+        rounds = [1000.0 * t for t in bench["stats"]["data"]]
+        by[info["path"]].timing = {"median_ms": 1000.0 * bench["stats"]["median"], "min_ms": 1000.0 * bench["stats"]["min"],
+                                   "times_ms": rounds, "timer": "pytest-benchmark (time.perf_counter)"}
+    return ",".join(sorted(s for s in shas if s)) or "unknown"
 
 
 def measure_memory(case: Case) -> None:
@@ -116,14 +125,16 @@ def derived(case: Case) -> Dict[str, dict]:
     """{path name: {ratio, speedup, peak_mb, growth_mb, extra_pct}} relative to this run's baseline."""
     by = {p.name: p for p in case.paths}
     med = lambda name: (by[name].timing or {}).get("median_ms") if name in by else None  # noqa: E731
+    low = lambda name: (by[name].timing or {}).get("min_ms") if name in by else None  # noqa: E731
     peak = lambda name: (by[name].memory or {}).get("peak_bytes") if name in by else None  # noqa: E731
-    t0, tref, m0 = med("plain fwd+bwd"), med("grad_dot reference"), peak("plain fwd+bwd")
+    t0, tmin0, tref, m0 = med("plain fwd+bwd"), low("plain fwd+bwd"), med("grad_dot reference"), peak("plain fwd+bwd")
     out = {}
     for p in case.paths:
-        t, m = med(p.name), peak(p.name)
+        t, tmin, m = med(p.name), low(p.name), peak(p.name)
         growth = (p.memory or {}).get("growth_bytes")
         out[p.name] = {
             "ratio": t / t0 if t is not None and t0 else None,
+            "ratio_min": tmin / tmin0 if tmin is not None and tmin0 else None,
             "speedup": tref / t if t is not None and tref else None,
             "peak_mb": m / harness.MB if m is not None else None,
             "growth_mb": growth / harness.MB if growth is not None else None,
@@ -154,7 +165,7 @@ def targets(case: Case, d: Dict[str, dict]) -> List[dict]:
     return rows
 
 
-def report(case: Case, env: dict, run_id: str, out_path, quick: bool) -> None:
+def report(case: Case, env: dict, run_id: str, out_path, quick: bool, timing_sha: str) -> None:
     s = case.spec
     d = derived(case)
     print(f"\n### {s.key}: {s.network} width {s.width}, norm {s.norm}, B={s.batch}, "
@@ -165,10 +176,11 @@ def report(case: Case, env: dict, run_id: str, out_path, quick: bool) -> None:
         t, dd = p.timing or {}, d[p.name]
         times = t.get("times_ms") or []
         rows.append([p.name, _fmt(t.get("median_ms"), ".1f"), _fmt(min(times) if times else None, ".1f"),
-                     len(times) or "-", _fmt(dd["ratio"], ".2f"), _fmt(dd["speedup"], ".2f"),
+                     len(times) or "-", _fmt(dd["ratio"], ".2f"), _fmt(dd["ratio_min"], ".2f"), _fmt(dd["speedup"], ".2f"),
                      _fmt(dd["peak_mb"], ".1f"), _fmt(dd["growth_mb"], ".1f"), _fmt(dd["extra_pct"], "+.1f"),
                      _fmt(p.err, ".1e"), p.status])
-    print(harness.markdown_table(["path", "ms (median)", "ms (min)", "n", "ratio vs plain", "speedup vs ref",
+    print(harness.markdown_table(["path", "ms (median)", "ms (min)", "n", "ratio vs plain (median)",
+                                  "ratio vs plain (min)", "speedup vs ref",
                                   "peak MB", "call growth MB", "extra peak %", "max rel err", "status"], rows))
     print()
     for p in case.paths:
@@ -182,7 +194,7 @@ def report(case: Case, env: dict, run_id: str, out_path, quick: bool) -> None:
     base = {"bench": "grad_dot", "run_id": run_id, **env, "model": s.key, "network": s.network, "width": s.width,
             "depth": s.depth if s.family == "convnet" else None, "norm": s.norm, "batch": s.batch,
             "input_shape": list(case.inputs.x.shape), "num_classes": s.num_classes, "k": case.inputs.k, "dtype": "float32",
-            "quick": quick, "resident_mb": case.resident_bytes / harness.MB}
+            "quick": quick, "resident_mb": case.resident_bytes / harness.MB, "timings_git_sha": timing_sha}
     records = []
     for p in case.paths:
         t, m = p.timing or {}, p.memory or {}
@@ -190,7 +202,8 @@ def report(case: Case, env: dict, run_id: str, out_path, quick: bool) -> None:
                         "max_rel_err": p.err, "n_outliers_fp32": p.n_outliers,
                         "max_rel_err_fp64_recheck": p.err64, "median_ms": t.get("median_ms"), "times_ms": t.get("times_ms"),
                         "repeats": len(t.get("times_ms") or []), "timer": t.get("timer"),
-                        "ratio_vs_plain": d[p.name]["ratio"], "speedup_vs_reference": d[p.name]["speedup"],
+                        "ratio_vs_plain": d[p.name]["ratio"], "ratio_vs_plain_min": d[p.name]["ratio_min"],
+                        "speedup_vs_reference": d[p.name]["speedup"],
                         "peak_mb": d[p.name]["peak_mb"], "growth_mb": d[p.name]["growth_mb"],
                         "extra_peak_pct": d[p.name]["extra_pct"], "memory_method": m.get("method")})
     records += [{**base, "path": t["path"], "kind": "target", **t} for t in tgt]
@@ -201,17 +214,17 @@ def report(case: Case, env: dict, run_id: str, out_path, quick: bool) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        description="Time and measure per-sample gradient dot products (iwd_fast.capture / grad_dot, every usable "
-                    "impl, Opacus and BackPACK anchors) side by side with plain forward+backward.",
+        description="Check and measure the peak memory of per-sample gradient dot products (iwd_fast.capture / "
+                    "grad_dot, every usable impl, Opacus and BackPACK anchors) beside plain forward+backward, and "
+                    "join the pytest-benchmark timings of test_bench_grad_dot.py (--timings).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["all"],
                     help="model keys or prefixes: convnet3-32x32x3 convnet3-28x28x1 resnet18-32x32x3, 'convnet', "
                          "'resnet18' or 'all'")
     ap.add_argument("--batch", type=int, default=None, help="batch size for every model (default: per model, "
                     "256 for ConvNet-3 and 64 for ResNet-18; 16 / 4 with --quick)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per path (default: 3 ConvNet, 2 ResNet; 2 with --quick)")
-    ap.add_argument("--slow-repeats", type=int, default=None,
-                    help="cap on timed calls of the slow paths (reference, Opacus, BackPACK); default 2, 1 with --quick")
+    ap.add_argument("--timings", default=None,
+                    help="pytest-benchmark JSON of test_bench_grad_dot.py for the same models (joined into the table)")
     ap.add_argument("--k", type=int, default=1, help="number of directions K")
     ap.add_argument("--quick", action="store_true", help="tiny widths and batches: a ~1 minute round for CI")
     ap.add_argument("--tol", type=float, default=1e-3,
@@ -223,8 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(harness.results_path("grad_dot")), help="JSON-lines file to append to")
     args = ap.parse_args(argv)
-    if args.k < 1 or (args.batch is not None and args.batch < 1) or (args.repeats is not None and args.repeats < 1):
-        ap.error("--k, --batch and --repeats must be >= 1")
+    if args.k < 1 or (args.batch is not None and args.batch < 1):
+        ap.error("--k and --batch must be >= 1")
     return args
 
 
@@ -233,7 +246,7 @@ def select(args) -> List[ModelSpec]:
     chosen = [s for s in table if "all" in args.models or any(s.key.startswith(m) for m in args.models)]
     if not chosen:
         raise SystemExit(f"--models {args.models} matches none of {[s.key for s in table]}")
-    return [replace(s, batch=args.batch or s.batch, repeats=args.repeats or s.repeats) for s in chosen]
+    return [replace(s, batch=args.batch or s.batch) for s in chosen]
 
 
 def main(argv=None) -> int:
@@ -244,7 +257,6 @@ def main(argv=None) -> int:
     env = harness.environment(device)
     run_id = f"{env['timestamp']}-{uuid.uuid4().hex[:8]}"
     specs = select(args)
-    slow_repeats = args.slow_repeats or (1 if args.quick else 2)
     reasons = impl_reasons(device)
     print(f"# grad_dot benchmark  run {run_id}\n")
     print(f"git {env['git_sha']} (dirty: {env['git_dirty']}), torch {env['torch']}, numpy {env['numpy']}, "
@@ -262,13 +274,13 @@ def main(argv=None) -> int:
             if p.kind == "anchor" and p.status != "ok":
                 print(f"  anchor {p.name} skipped: {p.reason}")
         check(case, args.tol, reasons, not args.no_anchors)
-        time_case(case, spec.repeats, slow_repeats)
         cases.append(case)
-    if not args.no_memory:  # after every timing: the memory mode slows large allocations down
+    timing_sha = {c.spec.key: load_timings(c, args.timings) if args.timings else "not timed" for c in cases}
+    if not args.no_memory:
         for case in cases:
             measure_memory(case)
     for case in cases:
-        report(case, env, run_id, args.out, args.quick)
+        report(case, env, run_id, args.out, args.quick, timing_sha[case.spec.key])
     print(f"\nappended JSON lines to {args.out}")
     return 0
 

@@ -3,7 +3,8 @@
 Every ``bench_<topic>.py`` script imports this module (it sits next to them; scripts are run as
 ``python benchmarks/bench_<topic>.py``, so this directory is on ``sys.path``).
 
-Timing
+Timing (CPU micro-benchmarks are timed by pytest-benchmark, ``test_bench_*.py``; these timers serve
+the GPU check and whole-job benchmarks that pytest-benchmark does not fit)
     CPU: ``warmup`` untimed calls, then ``repeats`` calls timed with ``time.perf_counter``; the median is
     reported. ``time_interleaved`` runs the paths of one comparison round-robin (path A, B, C, C, B, A,
     ...) so that load changes on a shared machine hit every path alike; ratios of paths timed side by
