@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import dispatch
+from .checks import format_indices
 from .params import (Directions, StackedDirections, group_by_module, param_owners, stack_directions,
                      trainable_parameters)
 from .rules import Record, UnsupportedLayerError, rule_for
@@ -34,6 +35,14 @@ class _Call:
     output: Optional[torch.Tensor]  # dropped once its gradient has arrived
     version: int
     streamed: bool = False
+
+
+@dataclass
+class _Weighting:
+    """weighted_gradient's state during its backward: per-sample factors and the gradients so far."""
+
+    factors: torch.Tensor                              # [B] c_i = w_i / sum_j w_j
+    grads: Dict[int, torch.Tensor]                     # id(parameter) -> sum_i c_i dL_i/dparam
 
 
 @dataclass
@@ -64,6 +73,8 @@ class Capture:
         self.calls: List[_Call] = []
         self._handles: list = []
         self._stream: Optional[_Stream] = None
+        self._weighting: Optional[_Weighting] = None   # set while weighted_gradient runs its backward
+        self._unweighted_sum = False                   # the captured gradients are those of sum_i loss_i
         if directions is not None:
             stacked = stack_directions(model, directions)
             grouped = self._modules_for(list(stacked.tensors))
@@ -94,6 +105,8 @@ class Capture:
             rec = call.record
             rec.delta = grad.detach() if rec.delta is None else rec.delta + grad.detach()
             call.output = None
+            if self._weighting is not None:
+                self._accumulate_weighted(call.module, Record(rec.x, grad.detach()))
             if self._stream is not None and id(call.module) in self._stream.by_module:
                 self._consume(call)
 
@@ -108,6 +121,72 @@ class Capture:
         term = _call_dot(call.module, rec, v, st.ops)
         st.total = term if st.total is None else st.total + term
         rec.x, rec.delta, call.streamed = None, None, True
+
+    def _accumulate_weighted(self, module: nn.Module, rec: Record) -> None:
+        """Fold one call's weighted parameter gradient (rebuilt from its unweighted output gradient) in."""
+        wt = self._weighting
+        params = dict(module.named_parameters(recurse=False))
+        for local, g in rule_for(module).weighted_grad(module, rec, wt.factors).items():
+            key = id(params[local])
+            wt.grads[key] = g if key not in wt.grads else wt.grads[key] + g
+
+    def weighted_gradient(self, losses: torch.Tensor, weights: Optional[torch.Tensor],
+                          params: Sequence[torch.Tensor]) -> tuple:
+        """The gradient of the weighted mean loss sum_i w_i loss_i / sum_j w_j w.r.t. ``params``, from ONE
+        backward of the unweighted per-sample losses; the capture keeps their unweighted gradients.
+
+        This is the real side of a gradient-matching step in one call: it replaces
+        ``torch.autograd.grad(weighted_loss, params)``, and afterwards ``grad_dot`` / ``grad_norm_sq`` score
+        the unweighted per-sample losses without any ``sample_weights`` (none may be given). No score
+        divides by a weight, so zero weights (a cold temperature) are fine.
+
+        Args:
+            losses: per-sample losses [B] of the batch whose forward ran inside this capture.
+            weights: [B] non-negative, finite, not all zero (any scale; normalised here); None = uniform.
+            params: the parameters to differentiate, e.g. ``list(net.parameters())``; each must belong to
+                a module with a per-layer rule that ran in the forward.
+        Returns:
+            A tuple of gradients aligned with ``params`` (like ``torch.autograd.grad``), detached.
+        """
+        if losses.dim() != 1:
+            raise ValueError(f"weighted_gradient: losses must be per-sample [B], got shape {tuple(losses.shape)}")
+        b = losses.shape[0]
+        if weights is None:
+            factors = torch.full((b,), 1.0 / max(b, 1), dtype=losses.dtype, device=losses.device)
+        else:
+            w = torch.as_tensor(weights).detach().to(losses.device, losses.dtype)
+            if w.shape != (b,):
+                raise ValueError(f"weighted_gradient: weights must have shape [{b}], got {tuple(w.shape)}")
+            bad = ~torch.isfinite(w) | (w < 0)
+            if bool(bad.any()):
+                raise ValueError(f"weighted_gradient: negative or non-finite weights at indices {format_indices(bad)}")
+            total = w.sum()
+            if not bool(total > 0):
+                raise ValueError("weighted_gradient: all weights are zero")
+            factors = w / total
+        owners = param_owners(self.model)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        unknown = [i for i, p in enumerate(params) if id(p) not in names]
+        if unknown:
+            raise ValueError(f"weighted_gradient: params {unknown} are not parameters of the captured model")
+        self._modules_for([names[id(p)] for p in params])  # refuses modules without a rule, by name
+        if not self.calls:
+            raise RuntimeError("weighted_gradient: nothing was captured: run the forward inside the capture block")
+        self._weighting = _Weighting(factors, {})
+        try:
+            wrt = self.gradient_inputs()
+            torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
+            grads = self._weighting.grads
+        finally:
+            self._weighting = None
+        self._unweighted_sum = True
+        missing = [names[id(p)] for p in params if id(p) not in grads]
+        if missing:
+            called = {id(c.module) for c in self.calls}
+            idle = [n for n in missing if not any(id(o.module) in called for o in owners[n])]
+            raise RuntimeError(f"weighted_gradient: no gradient reached parameters {missing}"
+                               + (f" (their modules did not run in the forward: {idle})" if idle else ""))
+        return tuple(grads[id(p)] for p in params)
 
     def gradient_inputs(self) -> List[torch.Tensor]:
         """The cheapest tensors to differentiate a loss with respect to so that every hook fires.
@@ -182,7 +261,7 @@ class Capture:
             raise RuntimeError(f"no gradient reached the outputs of {names}: run the forward and the backward of "
                                "the real-batch loss inside the capture block")
         total = self._stream.total
-        scale = _inverse_sample_weights(sample_weights, total.shape[0], total.device)
+        scale = self._inverse(sample_weights, total.shape[0], total.device)
         if scale is not None:
             total = total * scale.to(total.dtype).unsqueeze(1)
         return total[:, 0] if self._stream.stacked.single else total
@@ -228,7 +307,16 @@ class Capture:
                                "without directions")
         device, batch = first.device, first.shape[0]
         ops = dispatch.layer_ops(impl, device)
-        return ops, _inverse_sample_weights(sample_weights, batch, device)
+        return ops, self._inverse(sample_weights, batch, device)
+
+    def _inverse(self, sample_weights: SampleWeights, batch: int, device) -> Optional[torch.Tensor]:
+        """Factors undoing the differentiated loss's per-sample weights (none after weighted_gradient)."""
+        if self._unweighted_sum:
+            if sample_weights is not None and not (isinstance(sample_weights, str) and sample_weights == "sum"):
+                raise ValueError("sample_weights: this capture's backward ran through weighted_gradient, on the "
+                                 "unweighted per-sample losses; its scores need no sample_weights")
+            return None
+        return _inverse_sample_weights(sample_weights, batch, device)
 
     @staticmethod
     def _rescaled(rec: Record, scale: Optional[torch.Tensor]) -> Record:

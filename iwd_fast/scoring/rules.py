@@ -4,7 +4,9 @@ A rule knows one family of modules. Given the records of every call of a module 
 (its input ``x`` and the gradient ``delta`` of the sum of per-sample losses at its output), it returns
 
 * ``dot``:     [B, K] per-sample <dL_i/dtheta_module, V_k>, summed over calls (the gradient is linear);
-* ``norm_sq``: [B]    per-sample ||dL_i/dtheta_module||^2 restricted to some of its parameters.
+* ``norm_sq``: [B]    per-sample ||dL_i/dtheta_module||^2 restricted to some of its parameters;
+* ``weighted_grad``: {local name: sum_i c_i dL_i/dtheta} for per-sample factors c [B] (the gradient of
+  a weighted loss, rebuilt from the unweighted output gradients: no division by the weights anywhere).
 
 The heavy products go through ``ops`` (a backend: the eager formulas in ``reference`` or a kernel
 backend with the same signatures). Rules never run a layer's parameters through autograd.
@@ -52,6 +54,15 @@ class _Rule:
     def norm_sq(self, module: nn.Module, recs: Sequence[Record], names: Sequence[str], ops) -> torch.Tensor:
         raise NotImplementedError
 
+    def weighted_grad(self, module: nn.Module, rec: Record, c: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """{local parameter name: sum_i c[i] * dL_i/dparam} of one call; c [B] in the delta's dtype."""
+        raise NotImplementedError
+
+
+def _scaled(delta: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """delta [B, ...] with sample i multiplied by c[i]."""
+    return delta * c.to(delta.dtype).reshape((-1,) + (1,) * (delta.dim() - 1))
+
 
 def _batch(t: torch.Tensor) -> int:
     return t.shape[0]
@@ -84,6 +95,14 @@ class LinearRule(_Rule):
             out = out + ops.linear_grad_norm_sq(a, d, reference.choose_norm_method(a.shape[1], a.shape[2], d.shape[2]))
         if "bias" in names:
             out = out + d.sum(dim=1).pow(2).sum(dim=1)
+        return out
+
+    def weighted_grad(self, module, rec, c):
+        a, d = self._flat(module, rec)
+        d = _scaled(d, c)
+        out = {"weight": d.reshape(-1, d.shape[-1]).transpose(0, 1) @ a.reshape(-1, a.shape[-1])}
+        if module.bias is not None:
+            out["bias"] = d.sum(dim=(0, 1))
         return out
 
 
@@ -138,6 +157,16 @@ class ConvRule(_Rule):
             out = out + sum(r.delta.flatten(2).sum(dim=2) for r in recs).pow(2).sum(dim=1)
         return out
 
+    def weighted_grad(self, module, rec, c):
+        x, padding = self._geometry(module, rec.x)
+        d = _scaled(rec.delta, c)
+        weight_grad = torch.nn.grad.conv1d_weight if x.dim() == 3 else torch.nn.grad.conv2d_weight
+        out = {"weight": weight_grad(x, module.weight.shape, d, tuple(module.stride), padding,
+                                     tuple(module.dilation), module.groups)}
+        if module.bias is not None:
+            out["bias"] = d.flatten(2).sum(dim=(0, 2))
+        return out
+
 
 class NormRule(_Rule):
     """Affine parameters of GroupNorm, LayerNorm, InstanceNorm and eval-mode BatchNorm."""
@@ -188,6 +217,16 @@ class NormRule(_Rule):
             out = out + g_b.pow(2).sum(dim=1)
         return out
 
+    def weighted_grad(self, module, rec, c):
+        xhat, d = self._xhat_delta(module, rec)
+        d = _scaled(d, c)
+        out = {}
+        if module.weight is not None:
+            out["weight"] = (xhat * d).sum(dim=(0, 2)).reshape(module.weight.shape)
+        if module.bias is not None:
+            out["bias"] = d.sum(dim=(0, 2)).reshape(module.bias.shape)
+        return out
+
 
 class EmbeddingRule(_Rule):
     """Embedding tables: a gather, so every backend uses the eager formula."""
@@ -212,6 +251,14 @@ class EmbeddingRule(_Rule):
             d = d * (idx != module.padding_idx).unsqueeze(-1).to(d.dtype)
         same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(d.dtype)  # [B, T, T]
         return (same * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
+
+    def weighted_grad(self, module, rec, c):
+        b = _batch(rec.x)
+        idx = rec.x.reshape(-1)
+        d = _scaled(rec.delta.reshape(b, -1, module.embedding_dim), c).reshape(-1, module.embedding_dim)
+        if module.padding_idx is not None:
+            d = d * (idx != module.padding_idx).unsqueeze(1).to(d.dtype)
+        return {"weight": torch.zeros_like(module.weight, dtype=d.dtype).index_add_(0, idx, d)}
 
 
 _RULES: List[_Rule] = [LinearRule(), ConvRule(), NormRule(), EmbeddingRule()]
