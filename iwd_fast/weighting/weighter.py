@@ -1,11 +1,19 @@
 """From influence scores to per-instance weights (METHOD.md sections 2 and 4).
 
 :class:`InfluenceWeighter` keeps one running score per real instance (EMA over refreshes) and turns the
-scores into weights with a per-class z-scored, temperature-scaled softmax whose mean is 1 in every class:
+scores into weights with a per-class standardised, temperature-scaled softmax whose mean is 1 in every
+class (METHOD.md section 4):
 
-    z_i = sign * (s_i - mean_c) / (std_c + eps)
+    z_i = sign * (s_i - mean_c) / (std_c + eps)            transform "zscore" (unbounded)
+    z_i = Phi^-1((rank_c(sign * s_i) - 1/2) / n_c)         transform "rank" (normal quantile of the rank)
     w_i = n_c * softmax_c(z_i / temperature)
     w_i <- (1 - floor) * w_i + floor
+
+"rank" bounds the weights by design: z lies within +-Phi^-1(1 - 1/(2 n_c)) whatever the tail of the
+scores (about +-3.7 for n_c = 5000), so no single instance can dominate its class, while a z-score of
+a heavy-tailed score can reach hundreds. With ``standardize``, each update's scores are z-scored per
+class within that update before they enter the EMA, so scores taken at different networks (whose
+scales and offsets differ) are comparable.
 
 Convention: after multiplying by ``sign`` a LARGER score means "upweight". Callers pass the raw score of
 their target and take ``sign`` from :func:`sign_for`:
@@ -39,6 +47,30 @@ SIGN_POLICIES: Dict[str, Dict[str, int]] = {
 }
 
 _FORMAT = "iwd_fast.InfluenceWeighter/1"
+
+
+TRANSFORMS = ("zscore", "rank")
+
+
+def _zscore(s: torch.Tensor, scored: torch.Tensor, eps: float) -> torch.Tensor:
+    """(s - mean) / (std + eps) over the scored entries; unscored entries get 0 (the class mean)."""
+    known = s[scored]
+    z = (s - known.mean()) / (known.std(unbiased=False) + eps)
+    return torch.where(scored, z, torch.zeros_like(z))
+
+
+def _rank_normal(s: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Phi^-1((rank - 1/2) / n) over the scored entries (average ranks for ties); unscored entries get 0."""
+    known = s[scored].numpy()
+    order = np.argsort(known, kind="stable")
+    ranks = np.empty(known.size, dtype=np.float64)
+    ranks[order] = np.arange(1, known.size + 1, dtype=np.float64)
+    uniq, inverse = np.unique(known, return_inverse=True)
+    if uniq.size < known.size:  # ties share their average rank
+        ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
+    z = torch.zeros_like(s)
+    z[scored] = torch.special.ndtri(torch.from_numpy((ranks - 0.5) / known.size))
+    return z
 
 
 def sign_for(target: str, policy: str = "auto") -> int:
@@ -91,10 +123,13 @@ class InfluenceWeighter:
         floor: lambda in [0, 1]; mixes the weights with uniform: w <- (1 - lambda) * w + lambda.
         sign: +1 or -1, applied to the z-scores (see :func:`sign_for`).
         eps: added to the per-class standard deviation.
+        transform: "zscore" or "rank" (see the module docstring).
+        standardize: z-score each update's scores per class before the EMA.
     """
 
     def __init__(self, labels: torch.Tensor, num_classes: int, *, temperature: float = 1.0, ema: float = 0.8,
-                 floor: float = 0.0, sign: int = 1, eps: float = 1e-8):
+                 floor: float = 0.0, sign: int = 1, eps: float = 1e-8, transform: str = "zscore",
+                 standardize: bool = False):
         if int(num_classes) < 1:
             raise ValueError(f"InfluenceWeighter: num_classes must be >= 1, got {num_classes}")
         labels = as_labels(labels, "InfluenceWeighter", num_classes).contiguous()
@@ -110,6 +145,9 @@ class InfluenceWeighter:
         self._cache: Dict[torch.device, torch.Tensor] = {}
         self.temperature = temperature
         self.floor = floor
+        if transform not in TRANSFORMS:
+            raise ValueError(f"InfluenceWeighter: transform must be one of {TRANSFORMS}, got {transform!r}")
+        self.transform, self.standardize = transform, bool(standardize)
 
     # ----------------------------------------------------------------------------------- hyperparameters
     @property
@@ -185,11 +223,24 @@ class InfluenceWeighter:
             raise ValueError(f"InfluenceWeighter.update: non-finite scores at indices {format_indices(bad.tolist())}")
         if indices.numel() == 0:
             return
+        if self.standardize:
+            scores = self._standardized(indices, scores)
         old = self._scores[indices]
         seen = self._scored[indices]
         self._scores[indices] = torch.where(seen, self.ema * old + (1.0 - self.ema) * scores, scores)
         self._scored[indices] = True
         self._cache = {}
+
+    def _standardized(self, indices: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Scores z-scored per class within this update (a class seen once in it gets 0)."""
+        out = torch.zeros_like(scores)
+        labels = self.labels[indices]
+        for c in torch.unique(labels).tolist():
+            sel = labels == c
+            if int(sel.sum()) > 1:
+                s = scores[sel]
+                out[sel] = (s - s.mean()) / (s.std(unbiased=False) + self.eps)
+        return out
 
     def reset(self) -> None:
         """Forget every score (all weights back to 1)."""
@@ -206,11 +257,8 @@ class InfluenceWeighter:
             if n_c == 0 or not bool(scored.any()):
                 continue  # no information about this class: uniform weight 1
             s = self._scores[members]
-            known = s[scored]
-            mean = known.mean()
-            std = known.std(unbiased=False)
-            s = torch.where(scored, s, mean)  # unscored instances sit at the class mean (z = 0)
-            z = self.sign * (s - mean) / (std + self.eps)
+            z = _rank_normal(self.sign * s, scored) if self.transform == "rank" else \
+                _zscore(self.sign * s, scored, self.eps)
             if math.isinf(self._temperature):
                 z = torch.zeros_like(z)
             else:
@@ -232,9 +280,12 @@ class InfluenceWeighter:
         """Weights float32 [n] (a copy); mean exactly 1 in every class up to rounding. Cached until the next update."""
         return self._cached(torch.device(device) if device is not None else torch.device("cpu")).clone()
 
-    def batch_weights(self, indices: torch.Tensor) -> torch.Tensor:
-        """Weights of a batch, float32 [m] on the device of ``indices``."""
-        device = indices.device if isinstance(indices, torch.Tensor) else torch.device("cpu")
+    def batch_weights(self, indices: torch.Tensor, device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+        """Weights of a batch, float32 [m], on ``device`` (default: the device of ``indices``; pass the device
+        of the data they weight when the indices live on the CPU)."""
+        if device is None:
+            device = indices.device if isinstance(indices, torch.Tensor) else torch.device("cpu")
+        device = torch.device(device)
         idx = self._check_indices(indices, "InfluenceWeighter.batch_weights")
         return self._cached(device)[idx.to(device)]
 
@@ -273,7 +324,7 @@ class InfluenceWeighter:
     # ------------------------------------------------------------------------------------ persistence
     def hyperparameters(self) -> Dict[str, float]:
         return {"temperature": self._temperature, "ema": self.ema, "floor": self._floor,
-                "sign": self.sign, "eps": self.eps}
+                "sign": self.sign, "eps": self.eps, "transform": self.transform, "standardize": self.standardize}
 
     def state_dict(self) -> dict:
         """Scores float64 [n], scored mask bool [n], hyperparameters and the labels fingerprint."""
@@ -290,9 +341,13 @@ class InfluenceWeighter:
                              f"{tuple(scores.shape)} and {tuple(scored.shape)}")
         sign, ema, eps = int(state["sign"]), float(state["ema"]), float(state["eps"])
         _check_hparams(sign, ema, eps, "InfluenceWeighter.load_state_dict")
+        transform = state.get("transform", "zscore")
+        if transform not in TRANSFORMS:
+            raise ValueError(f"InfluenceWeighter.load_state_dict: unknown transform {transform!r}")
         self.temperature = state["temperature"]
         self.floor = state["floor"]
         self.sign, self.ema, self.eps = sign, ema, eps
+        self.transform, self.standardize = transform, bool(state.get("standardize", False))
         self._scores = scores.clone()
         self._scored = scored.clone()
         self._cache = {}
@@ -301,7 +356,7 @@ class InfluenceWeighter:
         """Write a safetensors file: tensors scores/scored/labels, hyperparameters and fingerprint as metadata."""
         from safetensors.torch import save_file
 
-        meta = {k: repr(v) for k, v in self.hyperparameters().items()}
+        meta = {k: v if isinstance(v, str) else repr(v) for k, v in self.hyperparameters().items()}
         meta.update({k: str(v) for k, v in self._fingerprint.items()})
         meta["format"] = _FORMAT
         save_file({"scores": self._scores.contiguous(), "scored": self._scored.contiguous(),
@@ -331,6 +386,7 @@ class InfluenceWeighter:
             _check_fingerprint(saved, labels_fingerprint(torch.as_tensor(labels), saved["num_classes"]),
                                "InfluenceWeighter.load")
         hp = {k: float(meta[k]) for k in ("temperature", "ema", "floor", "eps")}
+        hp.update(transform=meta.get("transform", "zscore"), standardize=meta.get("standardize") == "True")
         obj = cls(tensors["labels"] if labels is None else labels, saved["num_classes"],
                   sign=int(meta["sign"]), **hp)
         obj.load_state_dict({"scores": tensors["scores"], "scored": tensors["scored"], "sign": int(meta["sign"]),

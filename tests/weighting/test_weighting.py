@@ -252,3 +252,71 @@ def test_auroc_without_sklearn_falls_back_to_rank(monkeypatch):
     assert auroc(torch.tensor([0.3, 0.5, 0.9, 0.3]), pos) == pytest.approx(0.375)
     with pytest.raises(ValueError, match="not installed"):
         auroc(torch.tensor([0.3, 0.5, 0.9, 0.3]), pos, impl="sklearn")
+
+
+# ------------------------------------------------------------------ bounded weights, standardised updates
+def _heavy_tailed(n, gen):
+    s = torch.randn(n, generator=gen, dtype=torch.float64)
+    s[:3] = torch.tensor([40.0, 80.0, 200.0], dtype=torch.float64)  # a few extreme scores
+    return s
+
+
+def test_rank_transform_bounds_the_weights_where_zscore_does_not():
+    gen = torch.Generator().manual_seed(0)
+    n = 2000
+    labels = torch.zeros(n, dtype=torch.long)
+    scores = _heavy_tailed(n, gen)
+    z = InfluenceWeighter(labels, 1, temperature=0.2, ema=0.0, transform="zscore")
+    r = InfluenceWeighter(labels, 1, temperature=0.2, ema=0.0, transform="rank")
+    for wt in (z, r):
+        wt.update(torch.arange(n), scores)
+    wz, wr = z.weights(), r.weights()
+    assert float(wz.max()) > 100.0  # one instance carries a twentieth of its class
+    # bound by design: z <= ndtri(1 - 1/(2n)), and the softmax denominator is a mean over the rank grid
+    zmax = float(torch.special.ndtri(torch.tensor(1 - 0.5 / n, dtype=torch.float64)))
+    grid = torch.special.ndtri((torch.arange(1, n + 1, dtype=torch.float64) - 0.5) / n)
+    bound = math.exp(zmax / 0.2) / float(torch.exp(grid / 0.2).mean())
+    assert float(wr.max()) == pytest.approx(bound, rel=1e-5)
+    assert float(wr.mean()) == pytest.approx(1.0, abs=1e-5)
+    # ranks ignore the scale of the tail: a monotone map of the scores leaves the weights unchanged
+    r2 = InfluenceWeighter(labels, 1, temperature=0.2, ema=0.0, transform="rank")
+    r2.update(torch.arange(n), torch.sinh(scores))
+    assert torch.equal(r2.weights(), wr)
+
+
+def test_standardized_updates_are_invariant_to_each_batchs_offset_and_scale():
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.arange(60) % 3
+    batches = [torch.randperm(60, generator=gen)[:20] for _ in range(4)]
+    raw = [torch.randn(20, generator=gen, dtype=torch.float64) for _ in batches]
+    maps = [(0.01, 5.0), (30.0, -2.0), (1.0, 0.0), (4.0, 100.0)]  # per-batch affine: a new network each time
+
+    def weights(standardize, with_maps):
+        wt = InfluenceWeighter(labels, 3, ema=0.5, standardize=standardize)
+        for idx, s, (a, b) in zip(batches, raw, maps):
+            uniq = torch.unique(idx)  # distinct indices per update
+            keep = torch.isin(idx, uniq)
+            wt.update(idx[keep], (a * s + b)[keep] if with_maps else s[keep])
+        return wt.weights()
+
+    assert torch.allclose(weights(True, True), weights(True, False), atol=1e-6)
+    assert not torch.allclose(weights(False, True), weights(False, False), atol=1e-3)
+
+
+def test_transform_and_standardize_survive_save_and_load(tmp_path):
+    labels = torch.arange(30) % 3
+    wt = InfluenceWeighter(labels, 3, temperature=0.5, transform="rank", standardize=True)
+    wt.update(torch.arange(30), torch.linspace(-1, 1, 30))
+    wt.save(str(tmp_path / "w.safetensors"))
+    back = InfluenceWeighter.load(str(tmp_path / "w.safetensors"), labels)
+    assert (back.transform, back.standardize) == ("rank", True)
+    assert torch.equal(back.weights(), wt.weights())
+    with pytest.raises(ValueError, match="transform"):
+        InfluenceWeighter(labels, 3, transform="softplus")
+
+
+def test_batch_weights_follow_the_requested_device():
+    wt = InfluenceWeighter(torch.arange(10) % 2, 2)
+    idx = torch.tensor([1, 4, 7])
+    assert wt.batch_weights(idx, device="meta").device.type == "meta"
+    assert wt.batch_weights(idx).device.type == "cpu"
