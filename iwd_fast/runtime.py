@@ -69,10 +69,12 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
 
 
 class PhaseTimer:
-    """Wall-clock seconds per phase ("scoring", "distilling", ...); nested phases are subtracted."""
+    """Wall-clock seconds and call counts per phase ("scoring", "distilling", ...); a phase's seconds
+    exclude the phases nested inside it."""
 
     def __init__(self):
         self.seconds: Dict[str, float] = {}
+        self.calls: Dict[str, int] = {}
         self._stack: List[list] = []
 
     @contextlib.contextmanager
@@ -85,5 +87,6 @@ class PhaseTimer:
             self._stack.pop()
             spent = time.perf_counter() - entry[1]
             self.seconds[name] = self.seconds.get(name, 0.0) + spent - entry[2]
+            self.calls[name] = self.calls.get(name, 0) + 1
             if self._stack:
                 self._stack[-1][2] += spent

@@ -1,130 +1,94 @@
-"""A whole distillation run: data, label noise, held-out split, initialisation, the loop, evaluation,
-and the run folder (config, versions, metrics, synthetic set, weights, timing, plots). Resumable."""
+"""A whole distillation run: data, label noise, held-out split, warm-up scoring, initialisation, the
+accuracy of the initial images, the loop, evaluation, and the run folder (config, versions, metrics,
+synthetic set, weights, timing, plots). Resumable; a finished run is never repeated.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 from tqdm.auto import tqdm
 
+from ..data import DatasetSplits, load_dataset, stratified_subset
 from ..data.augment import default_strategy
-from ..distill.config import DistillConfig
-from ..data import DatasetSplits, add_label_noise, load_dataset, stratified_split
-from ..evaluate import EvalSpec, evaluate_synthetic, train_network
-from ..weighting.dropin import select_initial
-from ..weighting.targets import instance_scores, validation_directions
-from ..weighting import InfluenceWeighter, auroc, sign_for
-from ..distill import METHODS, IWDState, RealPool, SyntheticSet
-from ..distill.base import build_net
+from ..distill import METHODS, IWDState, SyntheticSet
+from ..distill.base import PLAIN_REAL_SIDE, SCORED_REAL_SIDE
+from ..distill.config import DistillConfig, validate
+from ..distill.pool import initial_indices, prepare_pool, warmup_weights
+from ..evaluate import evaluate_synthetic
 from ..runtime import PhaseTimer, Stream, mix_seed, resolve_device
+from .run_folder import RunFolder
 
-__all__ = ["run_distillation", "prepare_pool", "initial_indices"]
+__all__ = ["run_distillation", "load_splits", "scoring_overhead", "dsa_strategy_of", "evaluate_images"]
 
 CHECKPOINT_EVERY = 50  # iterations
+SUBSET_SEED = 0        # the stratified train/test subsets are the same for every run seed
 
 
-def prepare_pool(cfg: DistillConfig, splits: DatasetSplits, device) -> RealPool:
-    """Noisy labels (seeded, flips recorded) and the stratified held-out split; the same for weighted and
-    unweighted runs of one seed, so they are paired."""
-    train = splits.train
-    labels, flipped = train.labels.clone(), torch.zeros(len(train), dtype=torch.bool)
-    if cfg.noise > 0:
-        labels, flipped = add_label_noise(train.labels, cfg.noise, cfg.noise_kind, train.num_classes,
-                                          seed=mix_seed(cfg.seed, Stream.LABEL_NOISE))
-    frac = cfg.iwd.heldout_fraction
-    if frac > 0:
-        keep, held = stratified_split(labels, frac, seed=mix_seed(cfg.seed, Stream.HELDOUT_SPLIT))
-    else:
-        keep, held = torch.arange(len(train)), torch.zeros(0, dtype=torch.long)
-    if cfg.weighting == "iwd" and cfg.iwd.influence == "validation" and held.numel() == 0:
-        raise ValueError("influence target 'validation' needs a held-out split: set iwd.heldout_fraction > 0")
-    return RealPool(images=train.images[keep].to(device), labels=labels[keep].to(device), flipped=flipped[keep],
-                    num_classes=train.num_classes, heldout_images=train.images[held].to(device),
-                    heldout_labels=labels[held].to(device), source_indices=keep)
+def load_splits(cfg: DistillConfig, download: bool = False) -> DatasetSplits:
+    """The dataset of ``cfg`` with its stratified subsets (``train_size`` / ``test_size``; 0 = all)."""
+    splits = load_dataset(cfg.dataset, root=cfg.data_root, download=download)
+    return subset_splits(splits, cfg)
 
 
-def warmup_scores(cfg: DistillConfig, pool: RealPool, device, target: str) -> torch.Tensor:
-    """Raw scores [n] of every pool instance at a network trained ``warmup_steps`` steps on the pool."""
-    net = build_net(cfg.net, pool, mix_seed(cfg.seed, Stream.WARMUP_NETWORK), device)
-    spec = EvalSpec(num_nets=1, epochs=1, lr=cfg.lr_net, batch_size=256, dsa=False)
-    train_network(net, pool.images, pool.labels, spec, mix_seed(cfg.seed, Stream.WARMUP_TRAINING), None, device,
-                  steps=max(1, cfg.iwd.warmup_steps))
-    net.eval()
-    direction = None
-    if target == "validation":
-        direction = validation_directions(net, pool.heldout_images, pool.heldout_labels, scale=cfg.lr_net)
-    return instance_scores(net, pool.images, pool.labels, target, direction)
-
-
-def initial_indices(cfg: DistillConfig, pool: RealPool, device, timer: PhaseTimer) -> Dict[str, Any]:
-    """Pool indices [C * ipc] of the real images that initialise the synthetic set, plus a report.
-
-    "random": uniform per class. "weighted"/"proportional": a warm-up network scores the pool with
-    ``iwd.init_influence`` (self-influence by default: it flags flipped labels best at a trained network,
-    METHOD.md section 2; explicit and implicit scores need a synthetic set, which does not exist yet);
-    then the highest-weight instances of each class ("weighted") or a draw in proportion to the weights.
-    """
-    mode = cfg.iwd.init
-    if mode == "random" or cfg.weighting == "none":
-        idx = select_initial(pool.labels.cpu(), None, pool.num_classes, cfg.ipc, "random",
-                             mix_seed(cfg.seed, Stream.INITIAL_IMAGES))
-        return {"indices": idx, "init": "random"}
-    if mode not in ("weighted", "proportional"):
-        raise ValueError(f"iwd.init must be random, weighted or proportional, got {mode!r}")
-    target = cfg.iwd.init_influence
-    if target not in ("self", "validation"):
-        raise ValueError(f"iwd.init_influence must be 'self' or 'validation', got {target!r}")
-    with timer.phase("init scoring"):
-        raw = warmup_scores(cfg, pool, device, target).detach().cpu()
-    weighter = InfluenceWeighter(pool.labels.cpu(), pool.num_classes, temperature=cfg.iwd.temperature,
-                                 ema=0.0, sign=sign_for(target))
-    weighter.update(torch.arange(raw.shape[0]), raw)
-    w = weighter.weights()
-    idx = select_initial(pool.labels.cpu(), w, pool.num_classes, cfg.ipc,
-                         "top" if mode == "weighted" else "proportional",
-                         mix_seed(cfg.seed, Stream.INITIAL_IMAGES))
-    report = {"indices": idx, "init": f"{mode} ({target} scores after {cfg.iwd.warmup_steps} warm-up steps)"}
-    if pool.flipped.any() and not pool.flipped.all():
-        report["init_auroc_flipped"] = auroc(-w, pool.flipped)
-    return report
+def subset_splits(splits: DatasetSplits, cfg: DistillConfig) -> DatasetSplits:
+    train, test = splits.train, splits.test
+    if cfg.train_size and cfg.train_size < len(train):
+        train = stratified_subset(train, cfg.train_size, seed=SUBSET_SEED)
+    if cfg.test_size and cfg.test_size < len(test):
+        test = stratified_subset(test, cfg.test_size, seed=SUBSET_SEED)
+    return DatasetSplits(train=train, test=test)
 
 
 def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None, out_dir: Optional[str] = None,
                      progress: bool = True, evaluate: bool = True, checkpoint_every: int = CHECKPOINT_EVERY,
-                     until: Optional[int] = None) -> Dict[str, Any]:
+                     until: Optional[int] = None, init_cache: Optional[str] = None) -> Dict[str, Any]:
     """Distil ``cfg.dataset`` with ``cfg.method``; returns a summary dict (also written to the run folder).
 
-    With ``out_dir`` every artefact goes there and a checkpoint is written every ``checkpoint_every``
-    iterations; rerunning with the same folder and config resumes from it, bit for bit. ``until``: stop
-    after that many iterations (checkpointing first) and return {"stopped_at": n}; a later call resumes.
+    The config is checked first (nothing is written for a config that cannot run). With ``out_dir`` every
+    artefact goes there and a checkpoint is written every ``checkpoint_every`` iterations; rerunning with
+    the same folder and config resumes from it, bit for bit, and a finished run returns its stored
+    summary without running again; another config in that folder is refused. ``until``: stop after that
+    many iterations (checkpointing first) and return {"stopped_at": n}. ``splits``: the full dataset
+    (its ``train_size`` / ``test_size`` subsets are taken here). ``init_cache``: a folder where the accuracy
+    of initial image sets is kept, so runs that start from the same images evaluate them once.
     """
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; choose from {sorted(METHODS)}")
+    validate(cfg)
+    finished = _finished_summary(out_dir, cfg)
+    if finished is not None:
+        return finished
     device = resolve_device(cfg.device)
     torch.manual_seed(mix_seed(cfg.seed, Stream.GLOBAL))
-    splits = splits if splits is not None else load_dataset(cfg.dataset, root=cfg.data_root)
+    splits = subset_splits(splits, cfg) if splits is not None else load_splits(cfg)
     timer = PhaseTimer()
+    pool = prepare_pool(cfg, splits, device)  # refuses non-finite pixels, by index, before anything is written
     run = _open_run(out_dir, cfg)
-    pool = prepare_pool(cfg, splits, device)
-    dsa_strategy = None
-    if cfg.method == "dsa" or cfg.method == "dm":
-        dsa_strategy = default_strategy(cfg.dataset) if cfg.dsa_strategy == "auto" else cfg.dsa_strategy
-    iwd = IWDState.from_config(cfg, pool, timer)  # validates the weighting options before any work
-    with timer.phase("init"):
-        init = initial_indices(cfg, pool, device, timer)
+    dsa_strategy = dsa_strategy_of(cfg)
+    warmup = None
+    if cfg.weighting == "static" or cfg.iwd.init != "random":
+        warmup = warmup_weights(cfg, pool, device, timer)
+    iwd = IWDState.from_config(cfg, pool, timer, warmup)
+    init = initial_indices(cfg, pool, warmup)
     syn = SyntheticSet(pool.images[init["indices"].to(device)], pool.num_classes, cfg.ipc)
-    method = METHODS[cfg.method](cfg, pool, syn, iwd, dsa_strategy, device)
-    start, history = 0, []
+    method = METHODS[cfg.method](cfg, pool, syn, iwd, dsa_strategy, device, timer=timer)
+    init_acc = None
+    if evaluate:
+        with timer.phase("evaluating"):
+            init_acc = _initial_accuracy(cfg, syn, splits, dsa_strategy, device, init, init_cache)
+    start, history = 0, ([{"iteration": 0, "acc_mean": init_acc["mean"], "acc_std": init_acc["std"]}]
+                         if init_acc else [])
     state = run.load_checkpoint() if run is not None else None
     if state is not None:
-        if state["config"] != cfg.to_dict():
-            raise ValueError(f"{out_dir} holds a checkpoint of a different config; use another --out folder")
         syn.load_state_dict(state["syn"])
         method.load_state_dict(state["method"])
         if iwd is not None:
             iwd.load_state_dict(state["iwd"])
-        start, history, timer.seconds = state["iteration"], state["history"], state["timing"]
-    init_flipped = float(pool.flipped[init["indices"]].double().mean())
+        start, history = state["iteration"], state["history"]
+        timer.seconds, timer.calls = state["timing"], state.get("timing_calls", {})
+        run.truncate_log(start)  # records logged after the checkpoint are about to be recomputed
     stop = cfg.iterations if until is None else min(int(until), cfg.iterations)
     bar = tqdm(range(start, stop), desc=f"{cfg.method} ipc{cfg.ipc} {cfg.weighting}", disable=not progress,
                initial=start, total=cfg.iterations)
@@ -132,7 +96,7 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
         with timer.phase("distilling"):
             metrics = method.step(it)
         record = {"iteration": it + 1, **metrics}
-        if iwd is not None:
+        if iwd is not None and iwd.in_loop:
             record.update(iwd.report(pool.flipped))
         if evaluate and cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
             with timer.phase("evaluating"):
@@ -144,48 +108,127 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
             if ((it + 1) % checkpoint_every == 0 or it + 1 == stop) and it + 1 < cfg.iterations:
                 run.checkpoint({"config": cfg.to_dict(), "iteration": it + 1, "syn": syn.state_dict(),
                                 "method": method.state_dict(), "history": history, "timing": dict(timer.seconds),
+                                "timing_calls": dict(timer.calls),
                                 "iwd": iwd.state_dict() if iwd is not None else None})
         bar.set_postfix(loss=f"{metrics['match_loss']:.3f}")
     if stop < cfg.iterations:
         return {"stopped_at": stop}
-    summary: Dict[str, Any] = {"config": cfg.to_dict(), "init": init["init"], "init_flipped_share": init_flipped}
-    if "init_auroc_flipped" in init:
-        summary["init_auroc_flipped"] = init["init_auroc_flipped"]
-    if iwd is not None:
-        summary.update(iwd.report(pool.flipped))
+    summary = _summary(cfg, init, pool, warmup, iwd, timer)
     if evaluate:
         with timer.phase("evaluating"):
             ev = _evaluate(cfg, syn, splits, dsa_strategy, device)
-        summary["accuracy"] = ev
+        summary.update(accuracy=ev, init_accuracy=init_acc, gain_over_init=ev["mean"] - init_acc["mean"])
         history.append({"iteration": cfg.iterations, "acc_mean": ev["mean"], "acc_std": ev["std"]})
-    summary["timing_seconds"] = dict(timer.seconds)
-    loop = timer.seconds.get("distilling", 0.0) + timer.seconds.get("scoring", 0.0)
-    summary["scoring_share_of_loop"] = timer.seconds.get("scoring", 0.0) / loop if loop else 0.0
+    summary["timing_seconds"], summary["timing_calls"] = dict(timer.seconds), dict(timer.calls)
+    summary.update(scoring_overhead(timer))
     if run is not None:
-        _write_outputs(run, cfg, summary, syn, iwd, pool, splits, history)
+        _write_outputs(run, summary, syn, iwd, pool, splits, history)
     summary["synthetic"] = {"images": syn.images.detach().cpu(), "labels": syn.labels.cpu()}
     summary["weights"] = iwd.weighter.weights() if iwd is not None else None
     return summary
 
 
+def scoring_overhead(timer: PhaseTimer) -> Dict[str, Optional[float]]:
+    """What in-loop scoring cost: its own phase plus, per scored real batch, the captured real side's
+    extra time over a plain one (measured in the same run; None when the run had no plain real side).
+
+    Returns {"scoring_seconds", "scoring_share_of_loop"}: the share is of the whole loop (distilling +
+    scoring phases, i.e. the iteration time).
+    """
+    sec, calls = timer.seconds, timer.calls
+    loop = sum(sec.get(k, 0.0) for k in ("distilling", "scoring", PLAIN_REAL_SIDE, SCORED_REAL_SIDE))
+    scored_n, plain_n = calls.get(SCORED_REAL_SIDE, 0), calls.get(PLAIN_REAL_SIDE, 0)
+    extra = 0.0
+    if scored_n:
+        if not plain_n:
+            return {"scoring_seconds": None, "scoring_share_of_loop": None}
+        extra = sec[SCORED_REAL_SIDE] - scored_n * sec[PLAIN_REAL_SIDE] / plain_n
+    spent = sec.get("scoring", 0.0) + max(extra, 0.0)
+    return {"scoring_seconds": spent, "scoring_share_of_loop": spent / loop if loop else 0.0}
+
+
+def _summary(cfg, init, pool, warmup, iwd, timer) -> Dict[str, Any]:
+    summary: Dict[str, Any] = {"config": cfg.to_dict(), "init": init["init"],
+                               "init_flipped_share": float(pool.flipped[init["indices"]].double().mean()),
+                               "flipped_share": float(pool.flipped.double().mean())}
+    if warmup is not None and warmup.auroc_flipped is not None:
+        summary["warmup_auroc_flipped"] = warmup.auroc_flipped
+    if iwd is not None:
+        summary.update(iwd.report(pool.flipped))
+    return summary
+
+
+def dsa_strategy_of(cfg: DistillConfig) -> Optional[str]:
+    """The DSA strategy a run distils (and, when its eval spec says so, evaluates) with; None for DC."""
+    if cfg.method not in ("dsa", "dm"):
+        return None
+    return default_strategy(cfg.dataset) if cfg.dsa_strategy == "auto" else cfg.dsa_strategy
+
+
+def evaluate_images(cfg: DistillConfig, images: torch.Tensor, labels: torch.Tensor, test, device,
+                    eval_spec=None, seed: Optional[int] = None, progress: bool = False) -> Dict[str, Any]:
+    """Evaluate a synthetic set the way run ``cfg`` does: with ``seed=None`` and the run's own eval spec,
+    exactly the networks (hence the accuracy) the run reported."""
+    seed = mix_seed(cfg.seed, Stream.EVALUATION) if seed is None else seed
+    return evaluate_synthetic(images.detach(), labels, test, eval_spec or cfg.eval, cfg.net, seed=seed,
+                              dsa_strategy=dsa_strategy_of(cfg) or "auto", device=device, progress=progress)
+
+
 def _evaluate(cfg, syn, splits, dsa_strategy, device):
-    return evaluate_synthetic(syn.images.detach(), syn.labels, splits.test, cfg.eval, cfg.net,
-                              seed=mix_seed(cfg.seed, Stream.EVALUATION), dsa_strategy=dsa_strategy or "auto", device=device,
-                              progress=False)
+    return evaluate_images(cfg, syn.images, syn.labels, splits.test, device)
 
 
-def _open_run(out_dir, cfg):
+def _initial_accuracy(cfg, syn, splits, dsa_strategy, device, init, cache: Optional[str]) -> Dict[str, Any]:
+    """The evaluation of the undistilled initial images (cached by what determines it)."""
+    key_parts = {"dataset": cfg.dataset, "train_size": cfg.train_size, "test_size": cfg.test_size,
+                 "noise": cfg.noise, "noise_kind": cfg.noise_kind, "seed": cfg.seed, "ipc": cfg.ipc,
+                 "indices": init["indices"].tolist(), "eval": cfg.to_dict()["eval"], "net": cfg.to_dict()["net"],
+                 "dsa": dsa_strategy, "method_eval": cfg.method in ("dsa", "dm")}
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache) / f"init_{key}.json" if cache else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    ev = _evaluate(cfg, syn, splits, dsa_strategy, device)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ev))
+        tmp.replace(path)
+    return ev
+
+
+def _check_same_config(folder: Path, cfg: DistillConfig) -> bool:
+    """True when ``folder`` holds a run of ``cfg``, False when it holds none; refuses another config."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return False
+    stored, mine = json.loads(path.read_text()), json.loads(cfg.to_json())
+    if stored != mine:
+        changed = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+        raise ValueError(f"{folder} holds a run of a different config (differs in {changed}); use another --out folder")
+    return True
+
+
+def _finished_summary(out_dir, cfg: DistillConfig) -> Optional[Dict[str, Any]]:
+    """The stored summary of a finished run of ``cfg`` in ``out_dir`` (marked already_complete), else None."""
+    if out_dir is None or not _check_same_config(Path(out_dir), cfg):
+        return None
+    path = Path(out_dir) / "summary.json"
+    return {**json.loads(path.read_text()), "already_complete": True} if path.is_file() else None
+
+
+def _open_run(out_dir, cfg) -> Optional[RunFolder]:
+    """The run folder: a new one gets config and env; an existing one holds the same config (checked)."""
     if out_dir is None:
         return None
-    from .run_folder import RunFolder
-
     run = RunFolder(out_dir)
-    run.write_config(cfg)
-    run.write_env()
+    if not _check_same_config(run.path, cfg):
+        run.write_config(cfg)
+        run.write_env()
     return run
 
 
-def _write_outputs(run, cfg, summary, syn, iwd, pool, splits, history) -> None:
+def _write_outputs(run, summary, syn, iwd, pool, splits, history) -> None:
     from . import plots
 
     run.save_tensors("synthetic", {"images": syn.images.detach().cpu().contiguous(), "labels": syn.labels.cpu()})
@@ -201,5 +244,5 @@ def _write_outputs(run, cfg, summary, syn, iwd, pool, splits, history) -> None:
     curve = [h for h in history if "acc_mean" in h]
     if curve:
         plots.plot_accuracy_curve(curve, run.path / "accuracy.png")
-    run.save_json("timing.json", summary["timing_seconds"])
+    run.save_json("timing.json", {"seconds": summary["timing_seconds"], "calls": summary["timing_calls"]})
     run.save_json("summary.json", summary)

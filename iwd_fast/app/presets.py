@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Tuple
 from ..distill import METHODS as _METHOD_CLASSES
 from ..distill.config import DistillConfig
 
-__all__ = ["PRESETS", "FIELD_LOOPS", "METHODS", "preset_config", "list_presets", "describe_preset",
+__all__ = ["default_weighting", "PRESETS", "FIELD_LOOPS", "METHODS", "preset_config", "list_presets", "describe_preset",
            "loops_for_ipc"]
 
 METHODS = tuple(_METHOD_CLASSES)
@@ -86,6 +86,15 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "dm": {"lr_img": 1.0},
     },
 }
+
+
+# The weighting ``iwd-fast distill`` uses when none is given, per method (benchmarks/RESULTS.md).
+DEFAULT_WEIGHTING: Dict[str, str] = {"dc": "iwd", "dsa": "iwd", "dm": "none"}
+
+
+def default_weighting(method: str) -> str:
+    """The measured default weighting of ``method`` ("none" for a method without a measured default)."""
+    return DEFAULT_WEIGHTING.get(method, "none")
 
 
 def list_presets() -> List[str]:

@@ -79,12 +79,19 @@ def environment(device: Union[str, torch.device, None] = None) -> Dict[str, Any]
 
 
 class RunFolder:
-    """One run's output folder (created if missing); every writer returns the path it wrote."""
+    """One run's output folder; every writer returns the path it wrote.
 
-    def __init__(self, path: Union[str, Path]):
+    ``create=False`` opens an existing folder for reading and refuses a missing one (nothing is created).
+    """
+
+    def __init__(self, path: Union[str, Path], create: bool = True):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"RunFolder: {self.path} exists and is not a folder")
+        if not create:
+            if not self.path.is_dir():
+                raise FileNotFoundError(f"{self.path}: no such run folder")
+            return
         self.path.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
@@ -135,6 +142,11 @@ class RunFolder:
         with open(path, "a") as fh:
             fh.write(json.dumps(line, sort_keys=True) + "\n")
         return path
+
+    def truncate_log(self, iteration: int) -> None:
+        """Drop the metrics.jsonl records of iterations after ``iteration`` (a resume recomputes them), atomically."""
+        records = [r for r in self.read_log() if int(r.get("iteration", 0)) <= int(iteration)]
+        self._write_text("metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
     def read_log(self) -> list:
         """All records of metrics.jsonl, in order ([] when nothing was logged)."""

@@ -1,7 +1,6 @@
 """Pieces every distiller shares: the real pool, the synthetic set, and the method base class."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -11,10 +10,15 @@ import torch.nn as nn
 from ..data.augment import dsa_augment
 from ..evaluate import build_eval_network
 from ..networks import NetSpec
-from ..runtime import MethodStreams, mix_seed
+from ..runtime import MethodStreams, PhaseTimer, mix_seed
 from ..weighting import IndexedClassSampler
 
-__all__ = ["RealPool", "SyntheticSet", "Distiller", "build_net", "maybe"]
+__all__ = ["RealPool", "SyntheticSet", "Distiller", "build_net", "PLAIN_REAL_SIDE", "SCORED_REAL_SIDE"]
+
+# Timer phases of the real side of a step: plain, and captured for scoring. Their difference per call is
+# what scoring adds to the loop beyond its own "scoring" phase (directions, dots read out, updates).
+PLAIN_REAL_SIDE = "real side"
+SCORED_REAL_SIDE = "real side (scored)"
 
 
 @dataclass
@@ -70,8 +74,9 @@ class Distiller:
     STREAMS: MethodStreams
 
     def __init__(self, cfg, pool: RealPool, syn: SyntheticSet, iwd,
-                 dsa_strategy: Optional[str], device):
+                 dsa_strategy: Optional[str], device, timer: Optional[PhaseTimer] = None):
         self.cfg, self.pool, self.syn, self.iwd = cfg, pool, syn, iwd
+        self.timer = timer if timer is not None else PhaseTimer()
         self.dsa_strategy = dsa_strategy
         self.device = device
         self.opt_img = torch.optim.SGD(syn.parameters(), lr=cfg.lr_img, momentum=cfg.momentum_img)
@@ -99,13 +104,3 @@ class Distiller:
 
     def step(self, it: int) -> Dict[str, float]:
         raise NotImplementedError
-
-
-@contextlib.contextmanager
-def maybe(ctx, enabled: bool):
-    """``ctx`` when enabled, else a null context yielding None."""
-    if enabled:
-        with ctx as value:
-            yield value
-    else:
-        yield None

@@ -74,14 +74,15 @@ class DistributionMatching(Distiller):
                         return matching_direction(lambda t: mean_distance(t[0], e), [real_mean], create_graph)[1]
 
                     (v,) = implicit_direction([v], v_of, s_c.detach(), u, cfg.lr_img)
-                iwd.update(idx, emb_real @ v)
+                iwd.score_influence(emb_real @ v, idx, [v], [real_mean])
                 return dist
+            names = [n for n, _ in net.named_parameters()]
+            streamed = {n: d for n, d in zip(names, val_dir)} if val_dir is not None else None
             with _trainable(net):
-                with capture(net) as cap:
-                    logits = net(x_real)
-                    torch.autograd.grad(F.cross_entropy(logits, pool.labels[idx]), list(net.parameters()))
-                names = [n for n, _ in net.named_parameters()]
-                iwd.score_and_update(cap, idx, names, val_dir, None)
+                with capture(net, directions=streamed) as cap:
+                    losses = F.cross_entropy(net(x_real), pool.labels[idx], reduction="none")
+                    cap.weighted_gradient(losses, None, list(net.parameters()))
+                iwd.score_captured(cap, idx, names)
         return mean_distance(real_mean, emb_syn)
 
 

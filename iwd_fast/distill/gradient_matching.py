@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from ..scoring import capture
 from ..weighting.dropin import weighted_cross_entropy
-from ..weighting.targets import implicit_direction, matching_direction
+from ..weighting.targets import implicit_direction, matching_direction, scores_from_capture
 from ..runtime import MethodStreams, Stream, mix_seed
-from .base import Distiller, build_net, maybe
+from .base import PLAIN_REAL_SIDE, SCORED_REAL_SIDE, Distiller, build_net
 
 __all__ = ["layerwise_distance", "GradientMatching"]
 
@@ -74,9 +74,16 @@ class GradientMatching(Distiller):
         x_real = self._augment(x_real, seed)
         y_syn = syn.labels[c * syn.ipc:(c + 1) * syn.ipc]
 
-        with maybe(capture(net), scoring) as cap:
-            loss_real = weighted_cross_entropy(net(x_real), y_real, w, validate=False)
-            gw_real = [g.detach() for g in torch.autograd.grad(loss_real, params)]
+        cap = None
+        if scoring:  # one backward of the unweighted losses gives the weighted gradient and the scores
+            streamed = {n: d for n, d in zip(names, val_dir)} if val_dir is not None else None
+            with self.timer.phase(SCORED_REAL_SIDE), capture(net, directions=streamed) as cap:
+                losses = F.cross_entropy(net(x_real), y_real, reduction="none")
+                gw_real = list(cap.weighted_gradient(losses, w, params))
+        else:
+            with self.timer.phase(PLAIN_REAL_SIDE):
+                loss_real = weighted_cross_entropy(net(x_real), y_real, w, validate=False)
+                gw_real = [g.detach() for g in torch.autograd.grad(loss_real, params)]
 
         def syn_grads(s_c: torch.Tensor, create_graph: bool = True) -> List[torch.Tensor]:
             out = net(self._augment(s_c, seed))
@@ -88,7 +95,7 @@ class GradientMatching(Distiller):
             dist = layerwise_distance(gw_syn, gw_real)
             if scoring:
                 with iwd.timer.phase("scoring"):
-                    iwd.score_and_update(cap, idx, names, val_dir, w)
+                    iwd.score_captured(cap, idx, names)
             return dist
         with iwd.timer.phase("scoring"):
             dist, v = matching_direction(lambda gr: layerwise_distance(gw_syn, gr), gw_real)
@@ -101,7 +108,8 @@ class GradientMatching(Distiller):
                     return matching_direction(lambda gr: layerwise_distance(gs, gr), gw_real, create_graph)[1]
 
                 direction = implicit_direction(v, v_of, s_c.detach(), u, cfg.lr_img)
-            iwd.score_and_update(cap, idx, names, direction, w)
+            dots = scores_from_capture(cap, iwd.target, names, direction, iwd.impl)
+            iwd.score_influence(dots, idx, direction, gw_real)
         return dist
 
     def _train_net(self, net, opt_net) -> None:

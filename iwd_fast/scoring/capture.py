@@ -239,6 +239,8 @@ class Capture:
         (METHOD.md section 3). Tied parameters (one tensor in several modules) are refused.
         """
         names = list(params) if params is not None else list(trainable_parameters(self.model))
+        if not names:
+            raise ValueError("grad_norm_sq: no parameters to score (the model's parameters are all frozen)")
         owners = param_owners(self.model)
         tied = [n for n in names if len(owners.get(n, [])) > 1]
         if tied:

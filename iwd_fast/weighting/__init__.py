@@ -4,8 +4,8 @@ weights into a loop (``dropin``)."""
 from .dropin import IndexedClassSampler, normalize_weights, select_initial, weighted_class_mean, weighted_cross_entropy
 from .targets import TARGETS
 from .metrics import auroc, weight_mass_on
-from .weighter import SIGN_POLICIES, InfluenceWeighter, labels_fingerprint, sign_for
+from .weighter import SIGN_POLICIES, TRANSFORMS, InfluenceWeighter, labels_fingerprint, sign_for
 
-__all__ = ["InfluenceWeighter", "SIGN_POLICIES", "sign_for", "labels_fingerprint", "auroc", "weight_mass_on",
+__all__ = ["InfluenceWeighter", "SIGN_POLICIES", "TRANSFORMS", "sign_for", "labels_fingerprint", "auroc", "weight_mass_on",
            "IndexedClassSampler", "normalize_weights", "select_initial", "weighted_class_mean",
            "weighted_cross_entropy", "TARGETS"]

@@ -110,13 +110,26 @@ def exact_influence(dots: torch.Tensor, direction: Sequence[torch.Tensor], real_
 
 def validation_gradient(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                         params: Sequence[torch.Tensor], scale: float = 1.0,
-                        batch: int = 512) -> List[torch.Tensor]:
+                        batch: int = 512, keep: float = 1.0) -> List[torch.Tensor]:
     """scale * grad_theta of the mean held-out cross entropy: one ordinary backward of the summed
-    per-sample losses (never a product of summed activations and summed output gradients)."""
-    total = [torch.zeros_like(p) for p in params]
+    per-sample losses (never a product of summed activations and summed output gradients).
+
+    ``keep`` < 1 keeps only that share of the held-out instances with the lowest loss at ``net``: a held-out
+    split drawn from noisy labels holds mislabelled instances, and once the network fits the clean
+    majority their gradient dominates the held-out gradient unless they are left out (benchmarks/RESULTS.md).
+    """
     n = images.shape[0]
     if n == 0:
         raise ValueError("the held-out split is empty: raise heldout_fraction")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"validation_gradient: keep must lie in (0, 1], got {keep}")
+    if keep < 1.0:
+        with torch.no_grad():
+            losses = torch.cat([F.cross_entropy(net(images[i:i + batch]), labels[i:i + batch], reduction="none")
+                                for i in range(0, n, batch)])
+        chosen = torch.argsort(losses, stable=True)[:max(1, int(round(keep * n)))]
+        images, labels, n = images[chosen], labels[chosen], int(chosen.numel())
+    total = [torch.zeros_like(p) for p in params]
     for start in range(0, n, batch):
         loss = F.cross_entropy(net(images[start:start + batch]), labels[start:start + batch], reduction="sum")
         for acc, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
@@ -126,10 +139,11 @@ def validation_gradient(net: torch.nn.Module, images: torch.Tensor, labels: torc
 
 
 def validation_directions(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                          scale: float = 1.0) -> Dict[str, torch.Tensor]:
-    """{parameter name: scale * grad of the mean held-out loss}: the validation target's direction."""
+                          scale: float = 1.0, keep: float = 1.0) -> Dict[str, torch.Tensor]:
+    """{parameter name: scale * grad of the mean held-out loss}: the validation target's direction
+    (``keep``: see :func:`validation_gradient`)."""
     named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    grads = validation_gradient(net, images, labels, [p for _, p in named], scale=scale)
+    grads = validation_gradient(net, images, labels, [p for _, p in named], scale=scale, keep=keep)
     return {n: g for (n, _), g in zip(named, grads)}
 
 
@@ -149,13 +163,15 @@ def instance_scores(net: torch.nn.Module, images: torch.Tensor, labels: torch.Te
 
 
 def scores_from_capture(cap, target: str, names: Sequence[str], direction: Optional[Sequence[torch.Tensor]],
-                        sample_weights, impl: str = "auto") -> torch.Tensor:
-    """Raw per-sample scores [B] of the captured real batch for one target."""
+                        impl: str = "auto") -> torch.Tensor:
+    """Raw per-sample dots [B] of a batch captured through ``Capture.weighted_gradient``: ||g_i||^2 for
+    "self", else <g_i, direction> (``direction`` aligned with ``names``; a capture built with the direction
+    streamed its dots: pass ``direction=None``)."""
     if target == "self":
-        return cap.grad_norm_sq(sample_weights=sample_weights, impl=impl)
+        return cap.grad_norm_sq(impl=impl)
     if direction is None:
-        raise ValueError(f"target {target!r} needs a direction")
+        return cap.grad_dot()
     dirs = {n: d for n, d in zip(names, direction) if d is not None and bool(d.abs().sum() > 0)}
     if not dirs:
         return torch.zeros(cap.calls[0].record.x.shape[0], device=cap.calls[0].record.x.device)
-    return cap.grad_dot(dirs, sample_weights=sample_weights, impl=impl)
+    return cap.grad_dot(dirs, impl=impl)

@@ -142,7 +142,7 @@ class InfluenceWeighter:
         self._fingerprint = labels_fingerprint(labels, self.num_classes)
         self._scores = torch.zeros(self.n, dtype=torch.float64)
         self._scored = torch.zeros(self.n, dtype=torch.bool)
-        self._cache: Dict[torch.device, torch.Tensor] = {}
+        self._cache: Dict[object, torch.Tensor] = {}  # devices -> weights, "log" -> log-weights
         self.temperature = temperature
         self.floor = floor
         if transform not in TRANSFORMS:
@@ -249,24 +249,28 @@ class InfluenceWeighter:
         self._cache = {}
 
     # ------------------------------------------------------------------------------------------ weights
+    def _log_weights(self) -> torch.Tensor:
+        """log w, float64 [n]: exact where the float32 weights underflow to 0 (cold temperatures)."""
+        if "log" not in self._cache:
+            lw = torch.zeros(self.n, dtype=torch.float64)
+            for members in self._members:
+                n_c = members.numel()
+                scored = self._scored[members]
+                if n_c == 0 or not bool(scored.any()):
+                    continue  # no information about this class: uniform weight 1
+                s = self._scores[members]
+                z = _rank_normal(self.sign * s, scored) if self.transform == "rank" else \
+                    _zscore(self.sign * s, scored, self.eps)
+                z = torch.zeros_like(z) if math.isinf(self._temperature) else z / self._temperature
+                lw[members] = math.log(n_c) + torch.log_softmax(z, dim=0)
+            if self._floor:
+                lw = torch.logaddexp(lw + math.log1p(-self._floor) if self._floor < 1 else torch.full_like(lw, -math.inf),
+                                     torch.full_like(lw, math.log(self._floor)))
+            self._cache["log"] = lw
+        return self._cache["log"]
+
     def _compute(self) -> torch.Tensor:
-        w = torch.ones(self.n, dtype=torch.float64)
-        for members in self._members:
-            n_c = members.numel()
-            scored = self._scored[members]
-            if n_c == 0 or not bool(scored.any()):
-                continue  # no information about this class: uniform weight 1
-            s = self._scores[members]
-            z = _rank_normal(self.sign * s, scored) if self.transform == "rank" else \
-                _zscore(self.sign * s, scored, self.eps)
-            if math.isinf(self._temperature):
-                z = torch.zeros_like(z)
-            else:
-                z = z / self._temperature
-            w[members] = n_c * torch.softmax(z, dim=0)
-        if self._floor:
-            w = (1.0 - self._floor) * w + self._floor
-        return w.to(torch.float32)
+        return self._log_weights().exp().to(torch.float32)
 
     def _cached(self, device: torch.device) -> torch.Tensor:
         if device not in self._cache:
@@ -275,6 +279,26 @@ class InfluenceWeighter:
                 cpu = self._cache[torch.device("cpu")] = self._compute()
             self._cache[device] = cpu.to(device)
         return self._cache[device]
+
+    def relative_batch_weights(self, indices: torch.Tensor,
+                               device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+        """Weights of a batch divided by the batch's largest, float32 [m] in (0, 1] with max 1.
+
+        What a weighted mean over the batch needs (sum_i w_i x_i / sum_i w_i is unchanged), computed from
+        the log-weights, so it stays defined when every weight of the batch underflows in float32.
+        """
+        if device is None:
+            device = indices.device if isinstance(indices, torch.Tensor) else torch.device("cpu")
+        idx = self._check_indices(indices, "InfluenceWeighter.relative_batch_weights")
+        lw = self._log_weights()[idx]
+        if lw.numel() == 0:
+            return lw.to(device, torch.float32)
+        return (lw - lw.max()).exp().to(device, torch.float32)
+
+    def batch_log_weight_sum(self, indices: torch.Tensor) -> float:
+        """log sum_i w_i over a batch (float64; finite even where the float32 weights underflow)."""
+        idx = self._check_indices(indices, "InfluenceWeighter.batch_log_weight_sum")
+        return float(torch.logsumexp(self._log_weights()[idx], dim=0))
 
     def weights(self, device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
         """Weights float32 [n] (a copy); mean exactly 1 in every class up to rounding. Cached until the next update."""

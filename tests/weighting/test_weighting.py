@@ -320,3 +320,18 @@ def test_batch_weights_follow_the_requested_device():
     idx = torch.tensor([1, 4, 7])
     assert wt.batch_weights(idx, device="meta").device.type == "meta"
     assert wt.batch_weights(idx).device.type == "cpu"
+
+
+def test_relative_batch_weights_stay_defined_where_float32_weights_underflow():
+    labels = torch.zeros(50, dtype=torch.long)
+    wt = InfluenceWeighter(labels, 1, temperature=0.01, ema=0.0, transform="zscore")
+    wt.update(torch.arange(50), torch.linspace(0, 1, 50, dtype=torch.float64))
+    batch = torch.arange(10)  # the lowest scores: every float32 weight of the batch is 0
+    assert float(wt.batch_weights(batch).max()) == 0.0
+    rel = wt.relative_batch_weights(batch)
+    assert float(rel.max()) == 1.0 and int(rel.argmax()) == 9
+    # the ratios are the exact ones of the softmax: exp((z_i - z_9) / tau)
+    z = (torch.linspace(0, 1, 50, dtype=torch.float64) - 0.5) / torch.linspace(0, 1, 50, dtype=torch.float64).std(unbiased=False)
+    want = torch.exp((z[:10] - z[9]) / 0.01).float()
+    assert torch.allclose(rel, want, rtol=1e-5, atol=0)
+    assert math.isfinite(wt.batch_log_weight_sum(batch)) and wt.batch_log_weight_sum(batch) < -100
