@@ -46,6 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data-root", default=None)
     m.add_argument("--quiet", action="store_true")
 
+    b = sub.add_parser("bench", help="run a benchmark suite (a TOML grid of cells), resumably and in parallel",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("spec", help="the suite's TOML file (see iwd_fast/app/bench_spec.py; benchmarks/specs/)")
+    b.add_argument("--out", required=True, help="suite folder: cells/, init_cache/, manifest.json, results.jsonl")
+    b.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
+    b.add_argument("--threads", type=int, default=1, help="torch threads per cell (jobs x threads <= cores)")
+    b.add_argument("--shard", default=None, help="i/n: run only cells i, i+n, ... (a scheduler's array index)")
+    b.add_argument("--data-root", default=None, help="folder with the datasets' standard files")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("report", help="markdown tables and plots from a suite's results.jsonl",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("results", help="results.jsonl written by `iwd-fast bench`")
+    r.add_argument("--out", default=None, help="markdown file to write (default: print)")
+    r.add_argument("--plots", default=None, help="folder for the PNG plots (accuracy and weight on flipped vs noise)")
+    r.add_argument("--baseline", default="unweighted", help="the variant that paired gains are measured against")
+    r.add_argument("--allow-mixed-shas", action="store_true", help="accept rows from several git commits")
+
     sub.add_parser("env", help="versions and usable backends (and why the others are not)")
     return parser
 
@@ -82,7 +100,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .env import main as env_main
 
         return env_main()
-    handler = {"distill": run_distill, "evaluate": run_evaluate, "score": _score, "demo": _demo}[args.command]
+    if args.command in ("bench", "report"):
+        from .bench import main_bench
+        from .report import main_report
+
+        handler = {"bench": main_bench, "report": main_report}[args.command]
+    else:
+        handler = {"distill": run_distill, "evaluate": run_evaluate, "score": _score, "demo": _demo}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError) as err:

@@ -14,7 +14,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_synthetic_grid", "plot_weight_histogram", "plot_extreme_images", "plot_accuracy_curve",
+__all__ = ["plot_synthetic_grid", "plot_weight_histogram", "plot_extreme_images", "plot_accuracy_curve", "plot_lines",
+           "plot_accuracy_curves",
            "to_display"]
 
 PathLike = Union[str, Path]
@@ -161,3 +162,37 @@ def plot_accuracy_curve(history: List[Dict[str, float]], path: PathLike, title: 
     ax.legend(fontsize=8)
     ax.set_title(title or "evaluation accuracy")
     return _save(fig, path)
+
+
+def plot_lines(series: Dict[str, Sequence[Sequence[float]]], path: PathLike, xlabel: str, ylabel: str,
+               title: Optional[str] = None) -> Path:
+    """Several labelled curves on one figure: ``series`` maps a label to points (x, y) or (x, y, yerr)."""
+    if not series or not any(len(p) for p in series.values()):
+        raise ValueError("plot_lines: no points to draw")
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    for label, points in series.items():
+        pts = sorted((tuple(p) for p in points), key=lambda p: p[0])
+        x = np.array([p[0] for p in pts], dtype=float)
+        y = np.array([p[1] for p in pts], dtype=float)
+        err = np.array([p[2] if len(p) > 2 else 0.0 for p in pts], dtype=float)
+        ax.errorbar(x, y, yerr=err if err.any() else None, marker="o", capsize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title or ylabel, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_accuracy_curves(histories: Dict[str, List[Dict[str, float]]], path: PathLike,
+                         title: Optional[str] = None) -> Path:
+    """Test accuracy against distillation iteration for several runs on one figure (paired runs side by
+    side). Each history is a list of records with "iteration" and "acc_mean" (optionally "acc_std")."""
+    series = {}
+    for label, hist in histories.items():
+        pts = [(h["iteration"], h["acc_mean"], h.get("acc_std", 0.0)) for h in hist if "acc_mean" in h]
+        if pts:
+            series[label] = pts
+    return plot_lines(series, path, "distillation iteration", "test accuracy",
+                      title or "test accuracy over the distillation (iteration 0: the initial images)")

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["RunFolder", "environment", "git_sha", "to_jsonable"]
+__all__ = ["RunFolder", "environment", "git_sha", "git_dirty", "to_jsonable"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -59,6 +59,17 @@ def git_sha(folder: Union[str, Path, None] = None) -> str:
     return sha if out.returncode == 0 and sha else "unknown"
 
 
+def git_dirty(folder: Union[str, Path, None] = None) -> Optional[bool]:
+    """Whether tracked files of the checkout differ from HEAD (``git status --porcelain -uno``), or None."""
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=folder, capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def environment(device: Union[str, torch.device, None] = None) -> Dict[str, Any]:
     """Versions and machine facts for reproducibility: python, torch, numpy, triton (or None),
     platform, cpu count, device (name of the GPU when the device is CUDA) and git sha."""
@@ -75,7 +86,7 @@ def environment(device: Union[str, torch.device, None] = None) -> Dict[str, Any]
     return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
             "triton": triton_version, "cuda": torch.version.cuda, "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-            "device_name": device_name, "git_sha": git_sha()}
+            "device_name": device_name, "git_sha": git_sha(), "git_dirty": git_dirty()}
 
 
 class RunFolder:
