@@ -17,11 +17,12 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from ..scoring.checks import as_labels, format_indices
 
 __all__ = ["weighted_cross_entropy", "weighted_class_mean", "normalize_weights", "IndexedClassSampler",
-           "select_initial", "INIT_MODES"]
+           "IndexedDataset", "select_initial", "INIT_MODES"]
 
 INIT_MODES = ("top", "proportional", "random")
 
@@ -59,8 +60,11 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
         weights: float [B] (>= 0, finite, not all zero) or None for the plain mean.
         validate: check the weights (costs one host sync on GPU); set False inside hot loops.
 
-    Pass the weights of ONE class (or class-wise normalised weights) to reproduce the per-class weighted
-    mean of METHOD.md section 1; gradients flow into ``weights`` too, so dL/dw is available by autograd.
+    A class-mixed batch (expert training of trajectory matching) takes the dataset weights of its
+    instances (e.g. ``InfluenceWeighter.batch_weights(idx)``): the weighted mean over the batch is what a
+    weighted training set contributes to an SGD step. For gradient matching pass ONE class's batch (the
+    per-class weighted mean of METHOD.md section 1). The weights follow the logits' device; gradients flow
+    into ``weights`` too, so dL/dw is available by autograd.
     """
     if logits.dim() != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"weighted_cross_entropy: expected logits [B, C] and labels [B], got "
@@ -72,30 +76,44 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     if validate:
         _check_weights(weights, logits.shape[0], "weighted_cross_entropy")
     ce = F.cross_entropy(logits, labels, reduction="none")
-    wn = weights.to(ce.dtype)
+    wn = weights.to(ce.device, ce.dtype)
     return (wn * ce).sum() / wn.sum()
 
 
 def weighted_class_mean(features: torch.Tensor, weights: Optional[torch.Tensor] = None,
-                        *, validate: bool = True) -> torch.Tensor:
-    """Weighted mean over the batch: sum_i w_i f_i / sum_i w_i.
+                        *, dim: int = 0, validate: bool = True) -> torch.Tensor:
+    """Weighted mean along ``dim``: sum_i w_i f_i / sum_i w_i.
 
     Args:
-        features: float [B, ...] (e.g. DM's embeddings of the real images of one class).
-        weights: float [B] (>= 0, finite, not all zero) or None for the plain mean.
-
+        features: float [B, ...] (e.g. DM's embeddings of the real images of one class), or any shape
+            with the batch along ``dim`` (DM's ConvNetBN branch: [C, B, F] with ``dim=1``).
+        weights: None for the plain mean; float [B] (>= 0, finite, not all zero), or shaped like
+            ``features`` up to and including ``dim`` ([C, B] for the example above: one set per class).
     Returns:
-        float [...], the dtype of ``features``.
+        ``features`` with ``dim`` reduced, in its dtype; the weights follow its device.
     """
-    if features.dim() < 1 or features.shape[0] == 0:
-        raise ValueError(f"weighted_class_mean: features must be [B, ...] with B > 0, got {tuple(features.shape)}")
+    dim = dim % max(features.dim(), 1)
+    if features.dim() < 1 or features.shape[dim] == 0:
+        raise ValueError(f"weighted_class_mean: features need a non-empty batch along dim {dim}, got "
+                         f"{tuple(features.shape)}")
     if weights is None:
-        return features.mean(dim=0)
+        return features.mean(dim=dim)
+    w = weights.to(features.device, features.dtype)
+    if w.dim() == 1 and w.shape[0] == features.shape[dim]:
+        shape = [1] * features.dim()
+        shape[dim] = w.shape[0]
+        w = w.reshape(shape)
+    elif tuple(w.shape) == tuple(features.shape[:dim + 1]):
+        w = w.reshape(*w.shape, *([1] * (features.dim() - dim - 1)))
+    else:
+        raise ValueError(f"weighted_class_mean: weights of shape {tuple(weights.shape)} fit neither [{features.shape[dim]}] "
+                         f"nor {tuple(features.shape[:dim + 1])} for features {tuple(features.shape)} along dim {dim}")
     if validate:
-        _check_weights(weights, features.shape[0], "weighted_class_mean")
-    wn = weights.to(features.dtype)
-    wn = wn / wn.sum()
-    return torch.tensordot(wn, features, dims=1)
+        _check_weights(w.reshape(-1), w.numel(), "weighted_class_mean")
+        sums = w.sum(dim=dim)
+        if bool((sums <= 0).any()):
+            raise ValueError("weighted_class_mean: a set of weights along dim sums to zero")
+    return (w * features).sum(dim=dim) / w.sum(dim=dim)
 
 
 def _draw_weighted(members: torch.Tensor, weights: torch.Tensor, k: int, gen: torch.Generator,
@@ -168,6 +186,21 @@ class IndexedClassSampler:
                              f"num_classes={self.num_classes}")
         self.seed = int(state["seed"])
         self.generator.set_state(state["generator_state"])
+
+
+class IndexedDataset(Dataset):
+    """A map-style dataset whose items carry their index: ``dataset[i] + (i,)``, so a DataLoader yields
+    (x, y, idx) batches and ``weights[idx]`` can be looked up (expert training of MTT/DATM)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return (*item, i) if isinstance(item, tuple) else (item, i)
 
 
 def select_initial(labels: torch.Tensor, weights: Optional[torch.Tensor], num_classes: int, ipc: int,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..scoring import grad_dot, grad_norm_sq
 
 __all__ = ["TARGETS", "DISTILL_TARGETS", "check_target", "jvp_fd", "jvp_exact", "implicit_direction", "exact_influence",
-           "validation_gradient", "validation_directions", "instance_scores", "matching_direction"]
+           "validation_gradient", "validation_directions", "instance_scores", "matching_direction", "embedding_influence"]
 
 TARGETS = ("explicit", "implicit", "validation", "self")
 DISTILL_TARGETS = ("explicit", "implicit")
@@ -106,6 +106,28 @@ def exact_influence(dots: torch.Tensor, direction: Sequence[torch.Tensor], real_
     """
     offset = sum(float((d.double() * r.double()).sum()) for d, r in zip(direction, real_statistic) if d is not None)
     return (dots.double() - offset) / float(weight_sum)
+
+
+def embedding_influence(real_embeddings: torch.Tensor, synthetic_embeddings: torch.Tensor,
+                        weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DM's exact explicit influence I_i = dD/dw_i for D = ||sum_i wn_i f_i - mean(f_syn)||^2 (METHOD.md 2a).
+
+    The per-instance work is an embedding dot: I_i = <2 (mu_w - mu_syn), f_i - mu_w> / sum_j w_j. No
+    backward through the network (DM's reference loop freezes its parameters), nearly free.
+
+    Args:
+        real_embeddings: [B, F] embeddings of one class's real batch.
+        synthetic_embeddings: [M, F] embeddings of that class's synthetic images.
+        weights: [B] the batch's weights (any positive scale), None for uniform.
+    Returns:
+        float64 [B].
+    """
+    f = real_embeddings.detach().double()
+    w = torch.ones(f.shape[0], dtype=f.dtype, device=f.device) if weights is None else \
+        weights.detach().to(f.device, f.dtype)
+    mu = (w[:, None] * f).sum(0) / w.sum()
+    v = 2.0 * (mu - synthetic_embeddings.detach().double().mean(0))
+    return ((f - mu) @ v) / w.sum()
 
 
 def validation_gradient(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
