@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .bench_spec import Cell, expand_cells, load_spec, spec_digest
 
-__all__ = ["run_bench", "collect", "parse_shard", "cell_row"]
+__all__ = ["run_bench", "run_cells", "collect", "parse_shard", "cell_row"]
 
 
 def parse_shard(text: Optional[str]) -> Tuple[int, int]:
@@ -62,25 +62,30 @@ def _run_cell(cell_dir: str, config: Dict[str, Any], threads: int, init_cache: s
 def run_bench(spec_path: str, out: str, jobs: int = 1, threads: int = 1, shard: Optional[str] = None,
               progress: bool = True, data_root: Optional[str] = None) -> Dict[str, Any]:
     """Run the cells of ``spec_path`` that belong to ``shard`` and are not finished; then collect."""
-    if jobs < 1 or threads < 1:
-        raise ValueError(f"--jobs and --threads must be >= 1, got {jobs}, {threads}")
-    index, count = parse_shard(shard)
     cells = expand_cells(load_spec(spec_path))
     if data_root:
         import dataclasses
 
         cells = [dataclasses.replace(c, config=c.config.replace(data_root=data_root)) for c in cells]
+    return run_cells(cells, out, Path(spec_path).read_text(), jobs, threads, shard, progress)
+
+
+def run_cells(cells: List[Cell], out: str, spec_text: str = "", jobs: int = 1, threads: int = 1,
+              shard: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
+    """Run the unfinished ``cells`` of this shard in ``jobs`` spawned processes; rewrite results.jsonl."""
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"--jobs and --threads must be >= 1, got {jobs}, {threads}")
+    index, count = parse_shard(shard)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    _write_manifest(root, spec_path, cells)
+    _write_manifest(root, spec_text, cells)
     mine = [c for i, c in enumerate(cells) if i % count == index]
     todo = [c for c in mine if not (root / "cells" / c.key / "summary.json").is_file()]
     failures: List[Dict[str, Any]] = []
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"cells (shard {index}/{count})",
                disable=not progress)
     if todo:
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        os.environ.update(env)  # inherited by the spawned workers before torch starts there
+        os.environ.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})  # for the workers
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(_run_cell, str(root / "cells" / c.key), c.config.to_dict(), threads,
                                    str(root / "init_cache")) for c in todo]
@@ -93,10 +98,10 @@ def run_bench(spec_path: str, out: str, jobs: int = 1, threads: int = 1, shard: 
     bar.close()
     rows = collect(root, cells)
     return {"cells": len(cells), "shard_cells": len(mine), "ran": len(todo), "failed": failures,
-            "finished": len(rows), "results": str(root / "results.jsonl")}
+            "finished": len(rows), "results": str(root / "results.jsonl"), "rows": rows}
 
 
-def _write_manifest(root: Path, spec_path: str, cells: List[Cell]) -> None:
+def _write_manifest(root: Path, spec_text: str, cells: List[Cell]) -> None:
     """The spec's text and cell list next to the cells; a folder holding another suite is refused."""
     digest = spec_digest(cells)
     manifest = root / "manifest.json"
@@ -107,7 +112,7 @@ def _write_manifest(root: Path, spec_path: str, cells: List[Cell]) -> None:
                              "use another --out folder")
         return
     tmp = manifest.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"digest": digest, "spec": Path(spec_path).read_text(),
+    tmp.write_text(json.dumps({"digest": digest, "spec": spec_text,
                                "cells": [c.key for c in cells]}, indent=2))
     tmp.replace(manifest)
 

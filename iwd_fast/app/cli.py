@@ -7,7 +7,6 @@ import sys
 from typing import List, Optional
 
 from ..data import DATASET_NAMES as DATASETS
-from ..weighting import TARGETS
 from .cli_distill import add_common as _add_common, add_distill_parser, add_evaluate_parser, run_distill, run_evaluate
 from .presets import METHODS, list_presets
 
@@ -34,13 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/score")
     _add_common(s)
 
-    m = sub.add_parser("demo", help="paired runs with and without IWD on label-noised data (the README's main job)")
+    m = sub.add_parser("demo", help="paired runs with and without IWD on label-noised data (the README's main job)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m.add_argument("--method", choices=METHODS, default="dc")
     m.add_argument("--dataset", choices=("auto", "digits", "fashion-mnist"), default="auto",
-                   help="auto: Fashion-MNIST subset if present, else digits")
-    m.add_argument("--seeds", type=int, nargs="+", default=[0])
-    m.add_argument("--noise", type=float, default=0.3)
-    m.add_argument("--influence", choices=TARGETS, default="validation")
+                   help="auto: a Fashion-MNIST subset if its files are found, else digits")
+    m.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="paired seeds")
+    m.add_argument("--noise", type=float, default=0.3, help="symmetric label-noise rate")
+    m.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     m.add_argument("--out", default="runs/demo")
     m.add_argument("--preset", choices=list_presets(), default="demo", help="budget (smoke: seconds, for checks)")
     m.add_argument("--data-root", default=None)
@@ -85,12 +85,14 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     result = run_demo(out=args.out, method=args.method, seeds=tuple(args.seeds), noise=args.noise,
-                      influence=args.influence, prefer=args.dataset, data_root=args.data_root,
-                      preset=args.preset, progress=not args.quiet)
+                      prefer=args.dataset, data_root=args.data_root, preset=args.preset, jobs=args.jobs,
+                      progress=not args.quiet)
     print(result["note"])
     print()
     print(result["table"])
-    print(f"\nrun folders and plots under {args.out}/")
+    print()
+    print(result["verdict"])
+    print(f"\nrun folders, demo.json, demo_table.md and demo_accuracy.png under {args.out}/")
     return 0
 
 

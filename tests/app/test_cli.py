@@ -23,8 +23,18 @@ def test_distill_then_evaluate(tmp_path, method, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["accuracy"]["mean"] <= 1.0
     assert "test_accuracy" in capsys.readouterr().out
+    # evaluate with its defaults reproduces the run's own accuracy, exactly; other settings are other networks
+    assert main(["evaluate", str(out), "--quiet"]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["accs"] == summary["accuracy"]["accs"]
     assert main(["evaluate", str(out), "--num-nets", "1", "--epochs", "1", "--quiet"]) == 0
     assert json.loads((out / "evaluation.json").read_text())["protocol"]["num_nets"] == 1
+    # the same command again: the finished run is reported, not repeated
+    lines = (out / "metrics.jsonl").read_text().count("\n")
+    assert main(["distill", "--method", method, "--dataset", "digits", "--ipc", "1", "--preset", "smoke",
+                 "--weighting", "iwd", "--influence", "validation", "--init", "weighted", "--noise", "0.2",
+                 "--seed", "3", "--out", str(out), "--quiet"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text().count("\n") == lines
 
 
 def test_score_writes_scores_and_weights(tmp_path, capsys):
@@ -37,11 +47,19 @@ def test_score_writes_scores_and_weights(tmp_path, capsys):
     assert (out / "scores.pt").is_file() and (out / "weights.safetensors").is_file()
 
 
-def test_demo_on_smoke_budget(tmp_path, capsys):
+def test_demo_on_smoke_budget_then_report(tmp_path, capsys):
     assert main(["demo", "--dataset", "digits", "--preset", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "weight on flipped" in printed and "dc_iwd_seed0" in printed and "dc_none_seed0" in printed
-    assert (tmp_path / "demo_table.md").is_file()
+    assert "initial images acc" in printed and "paired by seed" in printed and "digits" in printed
+    rows = json.loads((tmp_path / "demo.json").read_text())
+    assert sorted((r["seed"], r["weighting"] == "none") for r in rows) == [(0, False), (0, True), (1, False), (1, True)]
+    for r in rows:
+        assert {"seed", "weighting", "init_accuracy", "accuracy", "weight_on_flipped", "auroc_flipped", "seconds"} <= set(r)
+    assert (tmp_path / "demo_table.md").is_file() and (tmp_path / "demo_accuracy.png").stat().st_size > 0
+    # the demo is a suite: its results.jsonl is what `iwd-fast report` reads
+    assert main(["report", str(tmp_path / "results.jsonl"), "--baseline", "unweighted",
+                 "--plots", str(tmp_path / "plots")]) == 0
+    assert "paired gain over unweighted" in capsys.readouterr().out
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, capsys):
@@ -49,12 +67,15 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "rate" in err
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+    assert main(["evaluate", str(tmp_path / "nowhere"), "--quiet"]) == 2
+    assert "no such run folder" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
 
 
 def test_module_entry_point_and_env():
     help_text = subprocess.run([sys.executable, "-m", "iwd_fast", "--help"], capture_output=True, text=True,
                                check=True).stdout
-    for command in ("distill", "evaluate", "score", "demo", "env"):
+    for command in ("distill", "evaluate", "score", "demo", "bench", "report", "env"):
         assert command in help_text
     env = subprocess.run([sys.executable, "-m", "iwd_fast", "env"], capture_output=True, text=True, check=True).stdout
     assert "backends for cpu tensors" in env and "reference" in env
