@@ -50,30 +50,32 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "dm": {"iterations": 20000, "lr_img": 1.0, "eval": {"dsa": True, "epochs": 1000}},
     },
     "cpu": {
-        "description": "reduced CPU budget (not the field's protocol): a DC IPC-10 Fashion-MNIST run in about "
-                       "10-20 min on 2 cores; ConvNet-3 width 32, 40 iterations of 5 outer x 5 inner loops, "
-                       "batch_real 128 (DM: 300 iterations); eval 3 nets x 300 epochs without DSA (DC) or 500 "
-                       "epochs with DSA (DSA, DM)",
+        "description": "reduced CPU budget (not the field's protocol; measured in benchmarks/RESULTS.md): a 10,000-image "
+                       "Fashion-MNIST training subset (2,000 test), ConvNet-3 width 16 (depth 2 on 8x8 digits), 20 "
+                       "iterations of 5 outer x 10 inner loops, batch_real 64, lr_img 0.3 (DM: 150 iterations, "
+                       "lr_img 10); eval 5 nets x 300 epochs, batch 256, DSA for DSA and DM; about 1-2 CPU-minutes "
+                       "per run",
         "strict_ipc": False,
-        "loops": {1: (1, 1), 10: (5, 5), 50: (5, 2)},
-        "all": {"iterations": 40, "lr_img": 0.1, "lr_net": 0.01, "momentum_img": 0.5, "batch_real": 128,
-                "batch_train_net": 256, "net": {"name": "convnet", "width": 32, "depth": 3, "norm": "instancenorm"},
-                "eval": {"num_nets": 3, "batch_size": 256}, "iwd": {"warmup_steps": 50}},
-        "dc": {"eval": {"dsa": False, "epochs": 300}},
-        "dsa": {"eval": {"dsa": True, "epochs": 500}},
-        "dm": {"iterations": 300, "lr_img": 1.0, "eval": {"dsa": True, "epochs": 500}},
+        "loops": {1: (1, 1), 10: (5, 10), 50: (5, 2)},
+        "all": {"iterations": 20, "lr_img": 0.3, "lr_net": 0.01, "momentum_img": 0.5, "batch_real": 64,
+                "batch_train_net": 256, "net": {"name": "convnet", "width": 16, "depth": 3, "norm": "instancenorm"},
+                "eval": {"num_nets": 5, "epochs": 300, "batch_size": 256, "dsa": False}, "iwd": {"warmup_steps": 50}},
+        "dsa": {"eval": {"dsa": True}},
+        "dm": {"iterations": 150, "lr_img": 10.0, "eval": {"dsa": True}},
+        "datasets": {"fashion-mnist": {"train_size": 10000, "test_size": 2000}, "digits": {"net": {"depth": 2}}},
     },
     "demo": {
-        "description": "demo budget (not the field's protocol): about a minute per run on 2 cores on a 3000-image "
-                       "Fashion-MNIST subset or digits; ConvNet-3 width 16, 10 iterations of 2 x 2 loops, "
-                       "batch_real 32 (DM: 100 iterations); eval 2 nets x 300 epochs without augmentation",
+        "description": "demo budget (not the field's protocol): the cpu preset's loops on the demo's data (a 3,000-image "
+                       "Fashion-MNIST subset or digits): ConvNet-3 width 16 (depth 2 on digits), 20 iterations of 5 x 10 "
+                       "loops, batch_real 64, lr_img 0.3 (DM: 150 iterations, lr_img 10); eval 5 nets x 300 epochs",
         "strict_ipc": False,
-        "loops": {1: (1, 1), 10: (2, 2), 50: (2, 1)},
-        "all": {"iterations": 10, "lr_img": 0.1, "lr_net": 0.01, "momentum_img": 0.5, "batch_real": 32,
+        "loops": {1: (1, 1), 10: (5, 10), 50: (5, 2)},
+        "all": {"iterations": 20, "lr_img": 0.3, "lr_net": 0.01, "momentum_img": 0.5, "batch_real": 64,
                 "batch_train_net": 256, "net": {"name": "convnet", "width": 16, "depth": 3, "norm": "instancenorm"},
-                "eval": {"num_nets": 2, "epochs": 300, "batch_size": 256, "dsa": False},
-                "iwd": {"warmup_steps": 40}},
-        "dm": {"iterations": 100, "lr_img": 1.0},
+                "eval": {"num_nets": 5, "epochs": 300, "batch_size": 256, "dsa": False}, "iwd": {"warmup_steps": 50}},
+        "dsa": {"eval": {"dsa": True}},
+        "dm": {"iterations": 150, "lr_img": 10.0, "eval": {"dsa": True}},
+        "datasets": {"digits": {"net": {"depth": 2}}},
     },
     "smoke": {
         "description": "smoke test (seconds, meaningless accuracy): 2 iterations, outer 1, inner 1, batch_real 16, "
@@ -143,7 +145,7 @@ def preset_config(name: str, method: str, dataset: str, ipc: int) -> DistillConf
     """A :class:`DistillConfig` for ``method`` (dc | dsa | dm) on ``dataset`` at ``ipc`` under preset ``name``.
 
     Starts from the config defaults, applies the preset's ``"all"`` overrides, then its method overrides,
-    then the outer/inner loops for ``ipc``; ``cfg.preset`` records the name. Unknown names, methods or a
+    then its ``"datasets"`` overrides for ``dataset``, then the outer/inner loops for ``ipc``; ``cfg.preset`` records the name. Unknown names, methods or a
     non-positive IPC raise ValueError.
     """
     preset = _get(name)
@@ -155,6 +157,7 @@ def preset_config(name: str, method: str, dataset: str, ipc: int) -> DistillConf
     d = DistillConfig(method=method, dataset=dataset, ipc=ipc).to_dict()
     _merge(d, preset.get("all", {}))
     _merge(d, preset.get(method, {}))
+    _merge(d, preset.get("datasets", {}).get(dataset, {}))
     d.update(outer_loop=outer, inner_loop=inner, preset=name)
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(DistillConfig)})
     if unknown:

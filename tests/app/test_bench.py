@@ -96,3 +96,11 @@ def test_paired_statistics_match_scipy():
     assert out["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
     lo, hi = stats.t.interval(0.95, 4, loc=sum(d) / 5, scale=stats.sem(d))
     assert (out["ci_low"], out["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+
+
+def test_the_committed_specs_expand():
+    from pathlib import Path
+
+    for spec in sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "specs").glob("*.toml")):
+        cells = expand_cells(load_spec(str(spec)))
+        assert cells and len({c.key for c in cells}) == len(cells), spec.name

@@ -48,11 +48,12 @@ def test_reduced_presets_are_smaller_and_say_so():
     for name in ("cpu", "demo", "smoke"):
         cfg = preset_config(name, "dc", "fashion-mnist", 10)
         assert cfg.net.width < paper.net.width and cfg.iterations < paper.iterations
-        assert cfg.eval.epochs <= paper.eval.epochs and cfg.eval.num_nets < paper.eval.num_nets
+        assert cfg.eval.epochs <= paper.eval.epochs and cfg.eval.num_nets <= paper.eval.num_nets
         assert "not the field" in describe_preset(name) or name == "smoke"
     assert "reduced CPU budget" in describe_preset("cpu")
     cpu_dm = preset_config("cpu", "dm", "fashion-mnist", 10)
-    assert cpu_dm.lr_img == 1.0 and cpu_dm.iterations > preset_config("cpu", "dc", "fashion-mnist", 10).iterations
+    assert cpu_dm.lr_img == 10.0 and cpu_dm.iterations > preset_config("cpu", "dc", "fashion-mnist", 10).iterations
+    assert preset_config("cpu", "dc", "fashion-mnist", 10).eval.num_nets >= 5  # enough networks for headline rows
     assert loops_for_ipc("cpu", 20) == loops_for_ipc("cpu", 10)  # nearest tabulated IPC
 
 
@@ -78,3 +79,14 @@ def test_errors_name_the_valid_choices():
         preset_config("cpu", "mtt", "digits", 10)
     with pytest.raises(ValueError, match="positive integer"):
         preset_config("cpu", "dc", "digits", 0)
+
+
+def test_networks_fit_the_image_size():
+    """No preset pools 8x8 digits down to 1x1: two 2x2 pools leave 2x2 features."""
+    from iwd_fast.networks import build_network
+
+    for name in ("cpu", "demo"):
+        cfg = preset_config(name, "dc", "digits", 10)
+        net = build_network(cfg.net.name, 1, 10, (8, 8), width=cfg.net.width, depth=cfg.net.depth, norm=cfg.net.norm)
+        assert net.feature_shape[1:] == (2, 2), (name, net.feature_shape)
+    assert preset_config("cpu", "dc", "fashion-mnist", 10).train_size == 10000
