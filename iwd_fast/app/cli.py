@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("results", help="results.jsonl written by `iwd-fast bench`")
     r.add_argument("--out", default=None, help="markdown file to write (default: print)")
+    r.add_argument("--into", default=None, metavar="NAME:FILE",
+                   help="replace the <!-- NAME:begin --> ... <!-- NAME:end --> section of FILE (e.g. evidence:benchmarks/RESULTS.md)")
     r.add_argument("--plots", default=None, help="folder for the PNG plots (accuracy and weight on flipped vs noise)")
     r.add_argument("--baseline", default="unweighted", help="the variant that paired gains are measured against")
     r.add_argument("--allow-mixed-shas", action="store_true", help="accept rows from several git commits")

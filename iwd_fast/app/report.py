@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["load_rows", "paired", "render", "plot_suite", "markdown_table", "main_report"]
+__all__ = ["load_rows", "paired", "render", "plot_suite", "markdown_table", "replace_section", "main_report"]
 
 TABLE_KEYS = ("grid", "method", "dataset", "ipc", "noise", "noise_kind", "budget")
 
@@ -191,13 +191,28 @@ def plot_suite(rows: List[Dict[str, Any]], folder: str, baseline: str = "unweigh
     return written
 
 
+def replace_section(document: str, name: str, body: str) -> str:
+    """``document`` with the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` replaced by ``body``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if document.count(begin) != 1 or document.count(end) != 1 or document.index(begin) > document.index(end):
+        raise ValueError(f"the document needs exactly one {begin} ... {end} pair")
+    head, rest = document.split(begin)
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{body.rstrip()}\n{end}{tail}"
+
+
 def main_report(args) -> int:
     rows = load_rows(args.results, allow_mixed=args.allow_mixed_shas)
     text = render(rows, baseline=args.baseline)
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
-    else:
+    if args.into:
+        name, _, path = args.into.partition(":")
+        doc = Path(path)
+        doc.write_text(replace_section(doc.read_text(), name, text))
+        print(f"replaced the {name!r} section of {path}")
+    if not args.out and not args.into:
         print(text)
     if args.plots:
         for p in plot_suite(rows, args.plots, args.baseline):

@@ -104,3 +104,12 @@ def test_the_committed_specs_expand():
     for spec in sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "specs").glob("*.toml")):
         cells = expand_cells(load_spec(str(spec)))
         assert cells and len({c.key for c in cells}) == len(cells), spec.name
+
+
+def test_report_replaces_only_its_section():
+    from iwd_fast.app.report import replace_section
+
+    doc = "intro\n<!-- evidence:begin -->\nold\n<!-- evidence:end -->\noutro\n"
+    assert replace_section(doc, "evidence", "new table") == "intro\n<!-- evidence:begin -->\nnew table\n<!-- evidence:end -->\noutro\n"
+    with pytest.raises(ValueError, match="exactly one"):
+        replace_section("no markers", "evidence", "x")
