@@ -148,8 +148,8 @@ def _cell_config(grid, variant, method, dataset, ipc, rate, kind, seed) -> Disti
 
 
 def spec_digest(cells: List[Cell]) -> str:
-    """A short hash of every cell's config: two runs of the same suite agree on it."""
+    """A short hash of every cell's config, whatever their order: two runs of the same suite agree on it."""
     import hashlib
 
-    blob = json.dumps([[c.key, c.config.to_dict()] for c in cells], sort_keys=True, default=str)
+    blob = json.dumps(sorted([c.key, c.config.to_dict()] for c in cells), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
