@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from . import dispatch
 from .params import (Directions, StackedDirections, group_by_module, param_owners, stack_directions,
@@ -35,8 +36,8 @@ SampleWeights = Union[None, str, torch.Tensor]
 class _Call:
     module: nn.Module
     record: Record
-    output: Optional[torch.Tensor]  # dropped once its gradient has arrived
-    version: int
+    edge: Optional[GradientEdge]  # where the output's gradient enters the graph (holds no activation)
+    output: Optional[torch.Tensor] = None  # never kept: an output alive until the backward costs its memory
     streamed: bool = False  # its tensors were released after its streamed terms were folded in
     dot_done: bool = False
     norm_done: bool = False
@@ -112,13 +113,13 @@ class Capture:
     def _on_forward(self, module: nn.Module, inputs, output) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
-        call = _Call(module, Record(x=inputs[0].detach()), output, output._version)
+        call = _Call(module, Record(x=inputs[0].detach()), get_gradient_edge(output))
         self.calls.append(call)
 
         def keep(grad: torch.Tensor, call: _Call = call) -> None:
             rec = call.record
             rec.delta = grad.detach() if rec.delta is None else rec.delta + grad.detach()
-            call.output = None
+            call.edge = None
             if self._stream is not None and self._stream.wants(call.module):
                 self._consume(call)
 
@@ -147,21 +148,15 @@ class Capture:
             if c.dot_done or mid not in st.dots:
                 c.record.x, c.record.delta, c.streamed = None, None, True
 
-    def gradient_inputs(self) -> List[torch.Tensor]:
-        """The cheapest tensors to differentiate a loss with respect to so that every hook fires.
+    def gradient_inputs(self) -> List[GradientEdge]:
+        """What to differentiate a loss with respect to so that every hook fires, at the least cost:
+        the gradient edges of the recorded outputs (``torch.autograd.grad(loss, cap.gradient_inputs())``).
 
-        The recorded outputs themselves (no parameter-gradient work) unless one was modified in place
-        after its layer ran, in which case the parameters of the recorded modules.
+        No parameter gradient is computed, and no output is kept alive for it (an edge names the graph
+        node, not the tensor). An output modified in place later (an in-place ReLU) still gets the
+        gradient of the value its layer produced: the edge and the tensor hook both point there.
         """
-        if all(c.output is not None and c.output._version == c.version for c in self.calls):
-            return [c.output for c in self.calls]
-        seen, params = set(), []
-        for c in self.calls:
-            for p in c.module.parameters(recurse=False):
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-        return params
+        return [c.edge for c in self.calls if c.edge is not None]
 
     # ---------------------------------------------------------------- queries
     def grad_dot(self, directions: Optional[Directions] = None, sample_weights: SampleWeights = None,
