@@ -148,3 +148,24 @@ def test_documented_torchrun_command_writes_the_single_process_file(tmp_path):
     assert two.returncode == 0, two.stdout + two.stderr
     assert (tmp_path / "two" / "scores.pt").read_bytes() == (tmp_path / "one" / "scores.pt").read_bytes()
     assert (tmp_path / "two" / "model.pt").read_bytes() == (tmp_path / "one" / "model.pt").read_bytes()
+
+
+def test_nonfinite_images_named_before_training_or_given_weight_zero(tmp_path, capsys, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 1, 8, 8, generator=g)
+    images[[5, 33]] = float("nan")
+    torch.save({"images": images, "labels": torch.arange(40) % 4}, tmp_path / "nan.pt")
+    base = ["score", "--dataset", str(tmp_path / "nan.pt"), "--normalize", "none", "--width", "4", "--epochs", "1",
+            "--target", "self", "--batch", "16", "--quiet"]
+    with monkeypatch.context() as m:
+        m.setattr("iwd_fast.app.score.job.train_network", lambda *a, **k: pytest.fail("training started"))
+        assert main(base + ["--out", str(tmp_path / "a")]) == 2
+    assert "non-finite images (NaN or Inf) at indices [5, 33]" in one_line_error(capsys)
+    assert not (tmp_path / "a").exists()
+    assert main(base + ["--nonfinite", "skip", "--out", str(tmp_path / "b")]) == 0  # trains on the finite ones
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["n_nonfinite"] == 2 and summary["nonfinite_positions"] == [5, 33]
+    from safetensors.torch import load_file
+    inst = load_file(str(tmp_path / "b" / "instances.safetensors"))
+    assert inst["weights"][[5, 33]].tolist() == [0.0, 0.0] and (inst["weights"][[0, 6, 39]] > 0).all()
+    assert inst["nonfinite"].nonzero().flatten().tolist() == [5, 33]

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ...data import add_label_noise, stratified_split
 from ...evaluate import EvalSpec, test_accuracy, train_network
 from ...scoring import dispatch
+from ...scoring.checks import check_finite
 from ...scoring.dataset import Shard, init_from_env, score_dataset
 from ...weighting import InfluenceWeighter, auroc, sign_for, weight_mass_on
 from ..run_folder import RunFolder
@@ -153,6 +154,8 @@ def run_score(cfg: ScoreConfig, out: str, *, data_root=None, download: bool = Fa
     if done is not None:
         return {**done, "already_complete": True}
     data = load_score_data(cfg.dataset, data_root, download, cfg.normalize, cfg.image_size)
+    if data.in_memory and cfg.nonfinite == "error":
+        check_finite(data.train.images, "score", "images")  # before any training, naming the positions
     labels, flipped = data.labels, torch.zeros(len(data.labels), dtype=torch.bool)
     if cfg.noise > 0:
         labels, flipped = add_label_noise(data.labels, cfg.noise, cfg.noise_kind, data.num_classes, seed=cfg.seed)
@@ -169,7 +172,11 @@ def run_score(cfg: ScoreConfig, out: str, *, data_root=None, download: bool = Fa
     if shard.leader:  # every check passed: the run folder starts here
         run = RunFolder(out)
         run.save_json("config.json", record)
-    train_seconds = _prepare_model(model, cfg, data, labels, keep, run, shard, device, progress)
+    trainable = keep
+    if data.in_memory:  # under --nonfinite skip, NaN/Inf images are scored NaN (weight 0), never trained on
+        finite = torch.isfinite(data.train.images.flatten(1)).all(dim=1)
+        trainable = keep[finite[keep]]
+    train_seconds = _prepare_model(model, cfg, data, labels, trainable, run, shard, device, progress)
     validation = held if cfg.validation_data is None else _validation_set(cfg, data_root, download, labels)
     images = data.train if not data.in_memory else (data.train.images, labels)
     result = score_dataset(model, images, cfg.target, validation=validation if cfg.target == "validation" else None,
