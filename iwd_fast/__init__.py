@@ -6,6 +6,7 @@ already runs. Layers: ``scoring`` (the engine) <- ``weighting`` (the method) <- 
 distillers) <- ``app`` (command line and jobs); see docs/DESIGN.md.
 """
 import functools as _functools
+import inspect as _inspect
 
 from .scoring import IMPLS, Capture, ImplUnavailableError, UnsupportedLayerError, capture, grad_dot, grad_norm_sq
 from .scoring.dataset import ScoreResult
@@ -22,6 +23,11 @@ def score_dataset(model, data, target="validation", *, progress=True, **options)
     if progress is True:
         from tqdm.auto import tqdm as progress
     return _score_dataset(model, data, target, progress=progress or None, **options)
+
+
+_engine_signature = _inspect.signature(_score_dataset)
+score_dataset.__signature__ = _engine_signature.replace(parameters=[
+    p.replace(default=True) if p.name == "progress" else p for p in _engine_signature.parameters.values()])
 
 __all__ = [
     "grad_dot",
