@@ -100,7 +100,7 @@ def in_dtype(model, x, dirs, dtype):
     return m, (x.to(dtype) if x.is_floating_point() else x), {n: v.to(dtype) for n, v in dirs.items()}
 
 
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(arch=architectures(), k=st.integers(1, 3), dtype=st.sampled_from([torch.float64, torch.float32]))
 def test_every_cpu_impl_matches_the_float64_oracle(arch, k, dtype):
     model, x, y = arch

@@ -206,14 +206,12 @@ def _directions(model, tgt: Target, store, shard: Shard, loss_fn, device, progre
         saved = store.load_direction() if store is not None else None
         if saved is not None:
             d = {n: t.to(device) for n, t in saved.items()}
-            if named_tensors_sha256(d) != store.manifest().get("direction_sha256"):
-                raise ValueError(f"score_dataset: {store.path / 'direction.pt'} does not match the manifest; delete "
-                                 "the folder and score again")
         else:
             d = mean_loss_gradient(model, tgt.validation, loss_fn, device, tgt.scale, progress)
             if store is not None:
                 store.save_direction(d)
-                store.update({"direction_sha256": named_tensors_sha256(d)})
+        if store is not None:
+            store.update({"direction_sha256": named_tensors_sha256(d)})
     d = shard.broadcast(d, like)
     return stack_directions(model, d)
 

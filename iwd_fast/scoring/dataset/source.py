@@ -8,7 +8,7 @@ a distributed run reads only its own chunks of whole batches. Items are ``(input
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset, TensorDataset

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .fingerprint import tensors_sha256
+from .fingerprint import named_tensors_sha256, tensors_sha256
 
 __all__ = ["ScoreStore", "Chunk", "FORMAT", "identity_sha256", "scores_checksum"]
 
@@ -131,11 +131,23 @@ class ScoreStore:
 
     # ------------------------------------------------------------------ direction
     def save_direction(self, direction: Dict[str, torch.Tensor]) -> None:
-        _save(self.path / "direction.pt", {k: v.detach().cpu() for k, v in direction.items()})
+        """direction.pt with its own digest (a kill before the manifest records it loses nothing)."""
+        d = {k: v.detach().cpu() for k, v in direction.items()}
+        _save(self.path / "direction.pt", {"identity_hash": self.identity_hash, "direction": d,
+                                           "sha256": named_tensors_sha256(d)})
 
     def load_direction(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The saved direction of this run, or None (absent, unreadable, or failing its digest)."""
         path = self.path / "direction.pt"
-        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - unreadable: compute it again
+            return None
+        if saved.get("identity_hash") != self.identity_hash or named_tensors_sha256(saved["direction"]) != saved["sha256"]:
+            return None
+        return saved["direction"]
 
     # ------------------------------------------------------------------ chunks
     def _chunk_path(self, index: int) -> Path:
