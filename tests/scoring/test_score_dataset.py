@@ -166,3 +166,23 @@ def test_model_mode_is_restored_and_train_mode_batchnorm_needs_jvp():
     held = list(range(5))
     jvp = score_dataset(net, (x, y), "validation", validation=held, batch_size=B, eval_mode=False, impl="jvp")
     assert torch.isfinite(jvp.scores).all()
+
+
+def test_resume_after_a_kill_between_direction_file_and_manifest(tmp_path):
+    """The direction file is trusted by its own digest: a run killed after writing it, before the manifest
+    recorded it, resumes (reading it back) instead of refusing."""
+    import json
+
+    net, x, y = setup()
+    out = tmp_path / "run"
+    held = list(range(0, N, 3))
+    first = score_dataset(net, (x, y), "validation", validation=held, out=out, batch_size=B)
+    man = json.loads((out / "manifest.json").read_text())
+    man["status"] = "running"
+    del man["direction_sha256"]
+    (out / "manifest.json").write_text(json.dumps(man))
+    (out / "scores.pt").unlink()
+    calls = forwards(net)
+    again = score_dataset(net, (x, y), "validation", validation=held, out=out, batch_size=B)
+    assert not again.already_complete and torch.equal(again.scores, first.scores)
+    assert len(calls) == 1 + -(-N // B)  # the label probe and the scoring pass: the direction was read back
