@@ -2,35 +2,61 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from typing import List, Optional
 
 from ..data import DATASET_NAMES as DATASETS
+from ..networks import NETWORK_NAMES
+from ..scoring.dispatch import IMPLS
 from .cli_distill import add_common as _add_common, add_distill_parser, add_evaluate_parser, run_distill, run_evaluate
 from .presets import METHODS, list_presets
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iwd-fast", description=(
+    parser = argparse.ArgumentParser(prog="iwd-fast", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
         "Influence-weighted dataset distillation. Scores each real instance by a per-sample-gradient dot "
         "product (never materialising per-sample gradients) and turns scores into instance weights."))
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=functools.partial(
+        argparse.ArgumentParser, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
 
     add_distill_parser(sub)
     add_evaluate_parser(sub)
 
-    s = sub.add_parser("score", help="score every training instance against a trained network")
-    s.add_argument("--dataset", choices=DATASETS, default="digits")
-    s.add_argument("--target", choices=("validation", "self"), default="validation")
-    s.add_argument("--noise", type=float, default=0.0)
-    s.add_argument("--noise-kind", choices=("symmetric", "pairflip"), default="symmetric")
-    s.add_argument("--epochs", type=int, default=20, help="training epochs of the scoring network")
-    s.add_argument("--model", default=None, help="state_dict of a ConvNet to score with instead of training one")
-    s.add_argument("--width", type=int, default=32)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--impl", default="auto", help="grad_dot backend: auto, torch, cpu, cuda, triton, jvp, reference")
-    s.add_argument("--out", default="runs/score")
+    s = sub.add_parser("score", help="score every training instance of a dataset against a network", description=(
+        "Score every training instance by a per-sample-gradient dot product (validation, direction) or squared "
+        "norm (self), streamed in chunks into --out (rerun the same command to resume a killed run). Runs on "
+        "torch.distributed when launched with `torchrun --nproc_per_node N -m iwd_fast score ...`."))
+    s.add_argument("--dataset", default="digits", help="a built-in name (" + ", ".join(DATASETS) + "), a folder of "
+                   "images in class subfolders, or a tensors file (.pt/.safetensors/.npz with images and labels)")
+    s.add_argument("--target", choices=("validation", "self", "direction"), default="validation",
+                   help="validation: <g_i, grad of the held-out loss>; self: ||g_i||^2; direction: <g_i, v_k> of --direction")
+    s.add_argument("--direction", default=None, help="a .pt file of directions (dict, list of dicts, or tensors "
+                   "aligned with the trainable parameters) for --target direction")
+    s.add_argument("--validation-data", default=None, help="a validation set (as --dataset) instead of the held-out split")
+    s.add_argument("--heldout", type=float, default=0.1, help="stratified held-out fraction of the training set")
+    s.add_argument("--model", default="convnet", help="a built-in network (" + ", ".join(NETWORK_NAMES) + ") or "
+                   "package.module:factory (called with channels, num_classes, im_size if it takes them)")
+    s.add_argument("--checkpoint", default=None, help="state_dict to load into --model instead of training it")
+    s.add_argument("--width", type=int, default=32, help="width of a built-in network")
+    s.add_argument("--epochs", type=int, default=20, help="training epochs of the scoring network (0: score as is)")
+    s.add_argument("--noise", type=float, default=0.0, help="label-noise rate injected into the training set")
+    s.add_argument("--noise-kind", choices=("symmetric", "pairflip"), default="symmetric", help="label-noise kind")
+    s.add_argument("--scale", type=float, default=0.01, help="validation direction = scale * held-out gradient (lr)")
+    s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the weights")
+    s.add_argument("--impl", default="auto", help="backend: " + ", ".join(IMPLS))
+    s.add_argument("--batch", type=int, default=256, help="images per forward+backward (bounds memory)")
+    s.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (image folders)")
+    s.add_argument("--chunk-batches", type=int, default=16, help="batches per checkpointed chunk")
+    s.add_argument("--nonfinite", choices=("error", "skip"), default="error",
+                   help="NaN/Inf inputs or scores: error (names them) or skip (weight 0, recorded)")
+    s.add_argument("--normalize", choices=("auto", "none"), default="auto",
+                   help="image folders and tensors files: per-channel mean/std of the training images, or none")
+    s.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="resize the images of a folder to H W")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    s.add_argument("--out", default="runs/score", help="run folder (resumable; a finished run is reported)")
     _add_common(s)
 
     m = sub.add_parser("demo", help="paired runs with and without IWD on label-noised data (the README's main job)",
@@ -71,14 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _score(args) -> int:
-    from ..distill.config import NetSpec
-    from .score_job import score_dataset
+    import torch
 
-    summary = score_dataset(args.dataset, args.target, noise=args.noise, noise_kind=args.noise_kind,
-                            epochs=args.epochs, seed=args.seed, out=args.out, model_path=args.model,
-                            net=NetSpec(width=args.width), temperature=args.temperature, impl=args.impl,
-                            device=args.device, data_root=args.data_root, download=args.download,
-                            progress=not args.quiet)
+    from .score import ScoreConfig, run_score
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cfg = ScoreConfig(dataset=args.dataset, target=args.target, direction=args.direction,
+                      validation_data=args.validation_data, heldout=args.heldout, model=args.model,
+                      checkpoint=args.checkpoint, width=args.width, epochs=args.epochs, seed=args.seed,
+                      noise=args.noise, noise_kind=args.noise_kind, scale=args.scale, temperature=args.temperature,
+                      impl=args.impl, device=args.device, batch=args.batch, chunk_batches=args.chunk_batches,
+                      nonfinite=args.nonfinite, normalize=args.normalize,
+                      image_size=tuple(args.image_size) if args.image_size else None)
+    summary = run_score(cfg, args.out, data_root=args.data_root, download=args.download, workers=args.workers,
+                        progress=not args.quiet)
+    if "rank" in summary:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
+    if summary.get("already_complete"):
+        print(f"score: {args.out} already holds this finished run (checksum {summary.get('checksum', '?')[:16]}); "
+              "nothing was scored again", file=sys.stderr)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -150,13 +150,28 @@ def _search_dirs(name: str, root) -> List[Path]:
 
 
 def _download(name: str, target: Path) -> None:
-    """Fetch the standard files of ``name`` into ``target`` (archives are extracted there)."""
+    """Fetch the standard files of ``name`` into ``target`` (archives are extracted there).
+
+    A failed download (no network, a dead URL) raises FileNotFoundError with one line naming the URL and
+    the reason, and leaves nothing behind: partial files are removed, and so are the folders this call
+    created (the cache folder is never left empty)."""
+    created = [d for d in [target, *target.parents] if not d.exists()]
     target.mkdir(parents=True, exist_ok=True)
     for url in _URLS[name]:
         dest = target / url.rsplit("/", 1)[1]
         if not dest.is_file():
             tmp = dest.with_suffix(dest.suffix + ".part")
-            urllib.request.urlretrieve(url, tmp)
+            try:
+                urllib.request.urlretrieve(url, tmp)
+            except (OSError, ValueError) as err:  # URLError, HTTPError, timeouts and refused connections are OSErrors
+                if tmp.exists():
+                    tmp.unlink()
+                for d in created:  # innermost first; only folders this call made, and only if still empty
+                    if d.is_dir() and not any(d.iterdir()):
+                        d.rmdir()
+                reason = getattr(err, "reason", None) or err
+                raise FileNotFoundError(f"{name}: download of {url} failed ({reason}); put the standard files in "
+                                        f"--data-root instead") from None
             tmp.replace(dest)
         if dest.name.endswith(".tar.gz"):
             safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}

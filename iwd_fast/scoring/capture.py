@@ -7,6 +7,10 @@
 
 Every forward run inside the ``with`` block counts as part of the differentiated loss (a module called
 twice contributes both calls). Run only the real batch inside it.
+
+Streaming (``capture(net, directions=v)`` and/or ``capture(net, norm_sq=True)``): the dots, and the
+squared norms, are folded into running [B, K] / [B] totals inside the backward as each layer's output
+gradient arrives, and the layer's tensors are released at once.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from . import dispatch
 from .checks import format_indices
@@ -32,9 +37,11 @@ SampleWeights = Union[None, str, torch.Tensor]
 class _Call:
     module: nn.Module
     record: Record
-    output: Optional[torch.Tensor]  # dropped once its gradient has arrived
-    version: int
-    streamed: bool = False
+    edge: Optional[GradientEdge]  # where the output's gradient enters the graph (holds no activation)
+    output: Optional[torch.Tensor] = None  # never kept: an output alive until the backward costs its memory
+    streamed: bool = False  # its tensors were released after its streamed terms were folded in
+    dot_done: bool = False
+    norm_done: bool = False
 
 
 @dataclass
@@ -47,13 +54,21 @@ class _Weighting:
 
 @dataclass
 class _Stream:
-    """Streaming state: the directions grouped by owning module and the running [B, K] total."""
+    """Streaming state: what each module contributes and the running totals.
 
-    stacked: StackedDirections
-    by_module: Dict[int, Tuple[object, Dict[str, torch.Tensor]]]  # id(module) -> (owner, {local name: [K, ...]})
+    ``dots``: id(module) -> (owner, {local name: [K, ...]}); ``norms``: id(module) -> (owner, [local names]).
+    """
+
     impl: str
+    stacked: Optional[StackedDirections]
+    dots: Dict[int, Tuple[object, Dict[str, torch.Tensor]]]
+    norms: Dict[int, Tuple[object, List[str]]]
     ops: Optional[SimpleNamespace] = None
-    total: Optional[torch.Tensor] = None
+    dot_total: Optional[torch.Tensor] = None
+    norm_total: Optional[torch.Tensor] = None
+
+    def wants(self, module: nn.Module) -> bool:
+        return id(module) in self.dots or id(module) in self.norms
 
 
 class Capture:
@@ -65,22 +80,33 @@ class Capture:
     Streaming: with ``directions`` given up front, each layer's dot is computed inside the backward as
     soon as its output gradient arrives, and the layer's input and gradient are released at once, so
     the capture adds about one layer's temporaries to the peak memory instead of every layer's
-    gradient. Read the scores with ``grad_dot()`` (no directions) after the backward.
+    gradient. Read the scores with ``grad_dot()`` (no directions) after the backward. ``norm_sq=True``
+    (or a list of parameter names) streams the squared per-sample gradient norms the same way: a
+    module's norm is folded in once the gradients of all its calls have arrived; read them with
+    ``grad_norm_sq()``.
     """
 
-    def __init__(self, model: nn.Module, directions: Optional[Directions] = None, impl: str = "auto"):
+    def __init__(self, model: nn.Module, directions: Optional[Directions] = None, impl: str = "auto",
+                 norm_sq: Union[bool, Sequence[str]] = False):
         self.model = model
         self.calls: List[_Call] = []
         self._handles: list = []
         self._stream: Optional[_Stream] = None
         self._weighting: Optional[_Weighting] = None   # set while weighted_gradient runs its backward
         self._unweighted_sum = False                   # the captured gradients are those of sum_i loss_i
+        self._norm_names: Optional[List[str]] = None
+        if directions is None and not norm_sq:
+            return
+        stacked, dots, norms = None, {}, {}
         if directions is not None:
             stacked = stack_directions(model, directions)
-            grouped = self._modules_for(list(stacked.tensors))
-            by_module = {mid: (owner, {local: stacked.tensors[name] for name, local in pairs})
-                         for mid, (owner, pairs) in grouped.items()}
-            self._stream = _Stream(stacked, by_module, impl)
+            dots = {mid: (owner, {local: stacked.tensors[name] for name, local in pairs})
+                    for mid, (owner, pairs) in self._modules_for(list(stacked.tensors)).items()}
+        if norm_sq:
+            self._norm_names = self._checked_norm_names(None if norm_sq is True else norm_sq)
+            norms = {mid: (owner, [local for _, local in pairs])
+                     for mid, (owner, pairs) in self._modules_for(self._norm_names).items()}
+        self._stream = _Stream(impl, stacked, dots, norms)
 
     # ---------------------------------------------------------------- recording
     def __enter__(self) -> "Capture":
@@ -98,29 +124,42 @@ class Capture:
     def _on_forward(self, module: nn.Module, inputs, output) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
-        call = _Call(module, Record(x=inputs[0].detach()), output, output._version)
+        call = _Call(module, Record(x=inputs[0].detach()), get_gradient_edge(output))
         self.calls.append(call)
 
         def keep(grad: torch.Tensor, call: _Call = call) -> None:
             rec = call.record
             rec.delta = grad.detach() if rec.delta is None else rec.delta + grad.detach()
-            call.output = None
+            call.edge = None
             if self._weighting is not None:
                 self._accumulate_weighted(call.module, Record(rec.x, grad.detach()))
-            if self._stream is not None and id(call.module) in self._stream.by_module:
+            if self._stream is not None and self._stream.wants(call.module):
                 self._consume(call)
 
         output.register_hook(keep)
 
     def _consume(self, call: _Call) -> None:
-        """Streaming: fold this call's dot into the running total and release its tensors."""
-        st, rec = self._stream, call.record
+        """Streaming: fold this call's dot (and, once every call of its module has its gradient, the
+        module's squared norm) into the running totals, then release the tensors no longer needed."""
+        st, mid = self._stream, id(call.module)
         if st.ops is None:
-            st.ops = dispatch.layer_ops(st.impl, rec.x.device)
-        _, v = st.by_module[id(call.module)]
-        term = _call_dot(call.module, rec, v, st.ops)
-        st.total = term if st.total is None else st.total + term
-        rec.x, rec.delta, call.streamed = None, None, True
+            st.ops = dispatch.layer_ops(st.impl, call.record.x.device)
+        if mid in st.dots and not call.dot_done:
+            term = _call_dot(call.module, call.record, st.dots[mid][1], st.ops)
+            st.dot_total = term if st.dot_total is None else st.dot_total + term
+            call.dot_done = True
+        group = [call]
+        if mid in st.norms:
+            group = [c for c in self.calls if c.module is call.module and not c.norm_done]
+            if any(c.record.delta is None for c in group):
+                return  # another call of this module still waits for its gradient
+            term = rule_for(call.module).norm_sq(call.module, [c.record for c in group], st.norms[mid][1], st.ops)
+            st.norm_total = term if st.norm_total is None else st.norm_total + term
+            for c in group:
+                c.norm_done = True
+        for c in group:
+            if c.dot_done or mid not in st.dots:
+                c.record.x, c.record.delta, c.streamed = None, None, True
 
     def _accumulate_weighted(self, module: nn.Module, rec: Record) -> None:
         """Fold one call's weighted parameter gradient (rebuilt from its unweighted output gradient) in."""
@@ -188,21 +227,15 @@ class Capture:
                                + (f" (their modules did not run in the forward: {idle})" if idle else ""))
         return tuple(grads[id(p)] for p in params)
 
-    def gradient_inputs(self) -> List[torch.Tensor]:
-        """The cheapest tensors to differentiate a loss with respect to so that every hook fires.
+    def gradient_inputs(self) -> List[GradientEdge]:
+        """What to differentiate a loss with respect to so that every hook fires, at the least cost:
+        the gradient edges of the recorded outputs (``torch.autograd.grad(loss, cap.gradient_inputs())``).
 
-        The recorded outputs themselves (no parameter-gradient work) unless one was modified in place
-        after its layer ran, in which case the parameters of the recorded modules.
+        No parameter gradient is computed, and no output is kept alive for it (an edge names the graph
+        node, not the tensor). An output modified in place later (an in-place ReLU) still gets the
+        gradient of the value its layer produced: the edge and the tensor hook both point there.
         """
-        if all(c.output is not None and c.output._version == c.version for c in self.calls):
-            return [c.output for c in self.calls]
-        seen, params = set(), []
-        for c in self.calls:
-            for p in c.module.parameters(recurse=False):
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-        return params
+        return [c.edge for c in self.calls if c.edge is not None]
 
     # ---------------------------------------------------------------- queries
     def grad_dot(self, directions: Optional[Directions] = None, sample_weights: SampleWeights = None,
@@ -219,7 +252,7 @@ class Capture:
             [B] for one direction, [B, K] for K.
         """
         if directions is None:
-            return self._streamed(sample_weights)
+            return self._streamed_dots(sample_weights)
         stacked = stack_directions(self.model, directions)
         grouped = self._modules_for(list(stacked.tensors))
         ops, scale = self._prepare(impl, sample_weights)
@@ -236,15 +269,12 @@ class Capture:
         """Per-sample ||grad_theta loss_i||^2 over ``params`` (default: every trainable parameter), [B].
 
         Linear and convolution weights choose per layer between the ghost form and materialising
-        (METHOD.md section 3). Tied parameters (one tensor in several modules) are refused.
+        (METHOD.md section 3). Tied parameters (one tensor in several modules) are refused. On a capture
+        built with ``norm_sq=...`` this reads the streamed norms (``params`` None or the same names).
         """
-        names = list(params) if params is not None else list(trainable_parameters(self.model))
-        if not names:
-            raise ValueError("grad_norm_sq: no parameters to score (the model's parameters are all frozen)")
-        owners = param_owners(self.model)
-        tied = [n for n in names if len(owners.get(n, [])) > 1]
-        if tied:
-            raise UnsupportedLayerError(f"grad_norm_sq: tied parameters {tied} are not supported")
+        if self._norm_names is not None:
+            return self._streamed_norms(params, sample_weights)
+        names = self._checked_norm_names(params)
         grouped = self._modules_for(names)
         ops, scale = self._prepare(impl, sample_weights)
         total = None
@@ -254,19 +284,46 @@ class Capture:
             total = term if total is None else total + term
         return total
 
-    def _streamed(self, sample_weights: SampleWeights) -> torch.Tensor:
-        if self._stream is None:
+    def _streamed_dots(self, sample_weights: SampleWeights) -> torch.Tensor:
+        st = self._stream
+        if st is None or st.stacked is None:
             raise ValueError("grad_dot() without directions reads streamed scores: pass directions to capture()")
-        pending = [c for c in self.calls if id(c.module) in self._stream.by_module and not c.streamed]
-        if not self.calls or pending or self._stream.total is None:
-            names = sorted({o.module_name or "<root>" for o, _ in self._stream.by_module.values()})
-            raise RuntimeError(f"no gradient reached the outputs of {names}: run the forward and the backward of "
-                               "the real-batch loss inside the capture block")
-        total = self._stream.total
+        self._check_streamed(st.dots, st.dot_total, lambda c: c.dot_done)
+        total = st.dot_total
         scale = self._inverse(sample_weights, total.shape[0], total.device)
         if scale is not None:
             total = total * scale.to(total.dtype).unsqueeze(1)
-        return total[:, 0] if self._stream.stacked.single else total
+        return total[:, 0] if st.stacked.single else total
+
+    def _streamed_norms(self, params: Optional[Sequence[str]], sample_weights: SampleWeights) -> torch.Tensor:
+        if params is not None and sorted(params) != sorted(self._norm_names):
+            raise ValueError(f"this capture streamed the norms of {sorted(self._norm_names)}; got params "
+                             f"{sorted(params)}: capture with norm_sq=<those names>")
+        st = self._stream
+        self._check_streamed(st.norms, st.norm_total, lambda c: c.norm_done)
+        total = st.norm_total
+        scale = self._inverse(sample_weights, total.shape[0], total.device)
+        return total if scale is None else total * scale.to(total.dtype).pow(2)
+
+    def _check_streamed(self, modules, total, done) -> None:
+        pending = [c for c in self.calls if id(c.module) in modules and not done(c)]
+        if not self.calls or pending or total is None:
+            names = sorted({o.module_name or "<root>" for o, _ in modules.values()})
+            raise RuntimeError(f"no gradient reached the outputs of {names}: run the forward and the backward of "
+                               "the real-batch loss inside the capture block")
+
+    def _checked_norm_names(self, params: Optional[Sequence[str]]) -> List[str]:
+        names = list(params) if params is not None else list(trainable_parameters(self.model))
+        if not names:
+            raise ValueError("grad_norm_sq: no parameters to score (the model's parameters are all frozen)")
+        owners = param_owners(self.model)
+        unknown = sorted(n for n in names if n not in owners)
+        if unknown:
+            raise ValueError(f"grad_norm_sq: params names parameters the model does not have: {unknown}")
+        tied = [n for n in names if len(owners[n]) > 1]
+        if tied:
+            raise UnsupportedLayerError(f"grad_norm_sq: tied parameters {tied} are not supported")
+        return names
 
     # ---------------------------------------------------------------- helpers
     def _modules_for(self, names: Sequence[str]):
@@ -352,8 +409,10 @@ def _inverse_sample_weights(sample_weights: SampleWeights, batch: int, device) -
     return 1.0 / w.to(torch.float64)
 
 
-def capture(model: nn.Module, directions: Optional[Directions] = None, impl: str = "auto") -> Capture:
+def capture(model: nn.Module, directions: Optional[Directions] = None, impl: str = "auto",
+            norm_sq: Union[bool, Sequence[str]] = False) -> Capture:
     """Record what ``model``'s supported layers see during forward and backward; see :class:`Capture`.
 
-    With ``directions``, the dots are computed during the backward (streaming, lowest memory)."""
-    return Capture(model, directions, impl)
+    With ``directions`` the dots, with ``norm_sq`` (True or parameter names) the squared per-sample
+    norms, are computed during the backward (streaming, lowest memory)."""
+    return Capture(model, directions, impl, norm_sq)

@@ -50,6 +50,7 @@ def check_finite(values: torch.Tensor, where: str, what: str = "values") -> None
         if not bool(torch.isfinite(values)):
             raise ValueError(f"{where}: {what} is not finite ({float(values)})")
         return
-    bad = ~torch.isfinite(values.detach()).reshape(values.shape[0], -1).all(dim=1)
+    finite = torch.isfinite(values.detach())
+    bad = ~(finite.flatten(1).all(dim=1) if values.dim() > 1 else finite)
     if bool(bad.any()):
         raise ValueError(f"{where}: non-finite {what} (NaN or Inf) at indices {format_indices(bad)}")

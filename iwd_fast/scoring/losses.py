@@ -45,6 +45,10 @@ def check_labels(loss: LossSpec, outputs_shape: torch.Size, labels: torch.Tensor
         return
     num_classes = outputs_shape[1]
     if labels.is_floating_point():
+        if labels.dim() == 1 and len(outputs_shape) >= 2:
+            raise ValueError(f"labels are {labels.dtype} of shape [{batch}]: cross entropy takes int64 class indices "
+                             f"[{batch}] (convert with labels.long()) or soft labels (probabilities) of the logits' "
+                             f"shape {tuple(outputs_shape)}")
         if labels.shape != outputs_shape:
             raise ValueError(f"soft labels must have the logits' shape {tuple(outputs_shape)}, got {tuple(labels.shape)}")
         bad = (~torch.isfinite(labels)).flatten(1).any(1) | (labels < 0).flatten(1).any(1)

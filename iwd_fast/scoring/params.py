@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-Directions = Union[Mapping[str, torch.Tensor], Sequence[Mapping[str, torch.Tensor]]]
+from .checks import format_indices
 
-__all__ = ["Directions", "StackedDirections", "stack_directions", "ParamOwner", "param_owners"]
+# {name: tensor}, a list of K such dicts, a sequence of tensors aligned with the trainable parameters
+# (what torch.autograd.grad returns; None entries contribute 0), or a list of K such sequences.
+Directions = Union[Mapping[str, torch.Tensor], Sequence[Mapping[str, torch.Tensor]],
+                   Sequence[Optional[torch.Tensor]], Sequence[Sequence[Optional[torch.Tensor]]]]
+
+__all__ = ["Directions", "StackedDirections", "stack_directions", "aligned_to_dict", "ParamOwner", "param_owners",
+           "trainable_parameters", "group_by_module"]
 
 
 @dataclass
@@ -36,14 +42,34 @@ def trainable_parameters(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter
 def stack_directions(model: torch.nn.Module, directions: Directions) -> StackedDirections:
     """Check directions against the model and stack them to [K, *shape] per parameter.
 
-    ``directions`` is either {name: tensor} where every tensor is shaped like its parameter (one direction)
-    or [K, *param.shape] (K directions), or a sequence of K such dicts of single directions.
-    Parameters not named contribute 0.
+    ``directions`` is one of
+      * {name: tensor} where every tensor is shaped like its parameter (one direction) or
+        [K, *param.shape] (K directions);
+      * a sequence of K such dicts of single directions;
+      * a sequence of tensors aligned with the trainable parameters (``named_parameters`` order, those
+        with requires_grad), as ``torch.autograd.grad(loss, params)`` returns them; None entries (unused
+        parameters) contribute 0;
+      * a sequence of K such aligned sequences.
+    Parameters not named contribute 0. An already stacked :class:`StackedDirections` passes through.
     """
+    if isinstance(directions, StackedDirections):
+        return directions
+    if isinstance(directions, torch.Tensor):
+        raise ValueError("directions is a single tensor: give {param_name: tensor}, a list of such dicts, or a "
+                         "sequence of tensors aligned with the trainable parameters")
     if not isinstance(directions, Mapping):
-        dicts = list(directions)
+        items = list(directions)
+        if items and all(_is_aligned(d) for d in items):
+            return _check(model, aligned_to_dict(model, items), force_k=False)
+        if items and all(isinstance(d, (list, tuple)) for d in items):
+            items = [aligned_to_dict(model, list(d), where=f"direction {i}") for i, d in enumerate(items)]
+            params = dict(model.named_parameters())
+            named = [n for n in params if any(n in d for d in items)]
+            items = [{n: d[n] if n in d else torch.zeros_like(params[n]) for n in named} for d in items]
+        dicts = items
         if not dicts or not all(isinstance(d, Mapping) for d in dicts):
-            raise ValueError("directions must be a dict {param_name: tensor} or a non-empty list of such dicts")
+            raise ValueError("directions must be a dict {param_name: tensor}, a non-empty list of such dicts, or a "
+                             "sequence of tensors aligned with the trainable parameters")
         names = set(dicts[0])
         for i, d in enumerate(dicts):
             if set(d) != names:
@@ -52,6 +78,23 @@ def stack_directions(model: torch.nn.Module, directions: Directions) -> StackedD
         out = _check(model, stacked, force_k=True)
         return out
     return _check(model, dict(directions), force_k=False)
+
+
+def _is_aligned(entry) -> bool:
+    return entry is None or isinstance(entry, torch.Tensor)
+
+
+def aligned_to_dict(model: torch.nn.Module, tensors: Sequence[Optional[torch.Tensor]],
+                    where: str = "directions") -> Dict[str, torch.Tensor]:
+    """{name: tensor} from a sequence aligned with the trainable parameters; None entries are dropped."""
+    names = list(trainable_parameters(model))
+    if len(tensors) != len(names):
+        raise ValueError(f"{where}: got a sequence of {len(tensors)} tensors but the model has {len(names)} trainable "
+                         f"parameters (aligned in named_parameters order: {names[:4]}{' ...' if len(names) > 4 else ''})")
+    out = {n: t for n, t in zip(names, tensors) if t is not None}
+    if not out:
+        raise ValueError(f"{where}: every entry of the aligned sequence is None")
+    return out
 
 
 def _check(model: torch.nn.Module, directions: Dict[str, torch.Tensor], force_k: bool) -> StackedDirections:
@@ -80,8 +123,10 @@ def _check(model: torch.nn.Module, directions: Dict[str, torch.Tensor], force_k:
         if single is not None and single != is_single:
             raise ValueError("directions mix single tensors and [K, ...] stacks; give all in one form")
         single = is_single
-        if not torch.isfinite(v).all():
-            raise ValueError(f"direction for {name!r} has non-finite values")
+        bad = ~torch.isfinite(v.detach())
+        if bool(bad.any()):
+            raise ValueError(f"direction for {name!r} has non-finite values (NaN or Inf) at flat positions "
+                             f"{format_indices(bad.reshape(-1))}")
         ks.add(v.shape[0])
         tensors[name] = v.to(device=params[name].device)
     if len(ks) != 1:

@@ -13,6 +13,7 @@ backend with the same signatures). Rules never run a layer's parameters through 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from . import reference
 
-__all__ = ["Record", "UnsupportedLayerError", "rule_for", "couples_samples", "SUPPORTED_TYPES"]
+__all__ = ["Record", "UnsupportedLayerError", "rule_for", "couples_samples", "sample_slices", "SUPPORTED_TYPES"]
 
 
 class UnsupportedLayerError(ValueError):
@@ -68,6 +69,22 @@ def _batch(t: torch.Tensor) -> int:
     return t.shape[0]
 
 
+_MIN_TEMP_BYTES = 4 << 20  # below this a rule's per-layer temporaries are not split
+
+
+def sample_slices(batch: int, per_sample_bytes: int, live_bytes: int) -> List[slice]:
+    """Split a batch so that one slice's temporaries stay within a quarter of ``live_bytes`` (the bytes
+    of the layer's output gradient, already alive) or 4 MiB, whichever is larger: a rule then adds a
+    bounded amount to the peak memory whatever the layer's unfold or per-sample-gradient size."""
+    budget = max(_MIN_TEMP_BYTES, live_bytes // 4)
+    step = max(1, min(batch, budget // max(1, per_sample_bytes)))
+    return [slice(i, i + step) for i in range(0, batch, step)] or [slice(0, 0)]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 class LinearRule(_Rule):
     types = (nn.Linear,)
 
@@ -89,10 +106,14 @@ class LinearRule(_Rule):
 
     def norm_sq(self, module, recs, names, ops):
         flat = [self._flat(module, r) for r in recs]
-        a, d = (torch.cat(t, dim=1) for t in zip(*flat))  # calls concatenate along positions
+        a, d = (t[0] if len(t) == 1 else torch.cat(t, dim=1) for t in zip(*flat))  # calls join along positions
         out = 0
         if "weight" in names:
-            out = out + ops.linear_grad_norm_sq(a, d, reference.choose_norm_method(a.shape[1], a.shape[2], d.shape[2]))
+            t, din, p = a.shape[1], a.shape[2], d.shape[2]
+            method = reference.choose_norm_method(t, din, p)
+            per_sample = (2 * t * t if method == "ghost" else p * din) * d.element_size()
+            out = out + torch.cat([ops.linear_grad_norm_sq(a[sl], d[sl], method)
+                                   for sl in sample_slices(a.shape[0], per_sample, _nbytes(d))])
         if "bias" in names:
             out = out + d.sum(dim=1).pow(2).sum(dim=1)
         return out
@@ -140,19 +161,13 @@ class ConvRule(_Rule):
     def norm_sq(self, module, recs, names, ops):
         out = 0
         if "weight" in names:
-            g = module.groups
-            cols, deltas = [], []
-            for r in recs:
-                x, padding = self._geometry(module, r.x)
-                cols.append(reference.conv_unfold(x, module.kernel_size, module.stride, padding, module.dilation))
-                deltas.append(r.delta.flatten(2).transpose(1, 2))  # [B, T, Cout]
-            a, d = torch.cat(cols, dim=1), torch.cat(deltas, dim=1)
-            cin_g, cout_g = a.shape[2] // g, d.shape[2] // g
-            for j in range(g):
-                a_j = a[:, :, j * cin_g:(j + 1) * cin_g]
-                d_j = d[:, :, j * cout_g:(j + 1) * cout_g]
-                method = reference.choose_norm_method(a_j.shape[1], a_j.shape[2], d_j.shape[2])
-                out = out + ops.linear_grad_norm_sq(a_j, d_j, method)
+            # The unfolded input is kernel-area times the input: build it one slice of samples at a time.
+            positions = sum(r.delta[0].numel() // r.delta.shape[1] for r in recs)
+            cols_per_sample = positions * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+            per_sample = 2 * cols_per_sample * module.groups * recs[0].delta.element_size()
+            live = sum(_nbytes(r.delta) for r in recs)
+            out = out + torch.cat([self._weight_norm_sq(module, recs, sl, ops)
+                                   for sl in sample_slices(recs[0].delta.shape[0], per_sample, live)])
         if "bias" in names:
             out = out + sum(r.delta.flatten(2).sum(dim=2) for r in recs).pow(2).sum(dim=1)
         return out
@@ -165,6 +180,25 @@ class ConvRule(_Rule):
                                      tuple(module.dilation), module.groups)}
         if module.bias is not None:
             out["bias"] = d.flatten(2).sum(dim=(0, 2))
+        return out
+
+    def _weight_norm_sq(self, module, recs, sl, ops):
+        """[b] squared norms of the weight gradient for the samples ``sl`` (all calls of the module)."""
+        g = module.groups
+        cols, deltas = [], []
+        for r in recs:
+            x, padding = self._geometry(module, r.x[sl])
+            cols.append(reference.conv_unfold(x, module.kernel_size, module.stride, padding, module.dilation))
+            deltas.append(r.delta[sl].flatten(2).transpose(1, 2))  # [b, T, Cout]
+        a = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+        d = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)
+        cin_g, cout_g = a.shape[2] // g, d.shape[2] // g
+        out = 0
+        for j in range(g):
+            a_j = a[:, :, j * cin_g:(j + 1) * cin_g]
+            d_j = d[:, :, j * cout_g:(j + 1) * cout_g]
+            method = reference.choose_norm_method(a_j.shape[1], a_j.shape[2], d_j.shape[2])
+            out = out + ops.linear_grad_norm_sq(a_j, d_j, method)
         return out
 
 
@@ -199,23 +233,35 @@ class NormRule(_Rule):
             xhat = F.instance_norm(x, eps=module.eps)
         return xhat.reshape(b, x.shape[1], -1), rec.delta.reshape(b, x.shape[1], -1)
 
+    @staticmethod
+    def _slices(recs):
+        """Sample slices bounding the normalised input and its product with delta (each delta-sized)."""
+        live = sum(_nbytes(r.delta) for r in recs)
+        return sample_slices(recs[0].delta.shape[0], 2 * live // max(1, recs[0].delta.shape[0]), live)
+
     def dot(self, module, rec, v, ops):
-        xhat, d = self._xhat_delta(module, rec)
         flat = {k: t.reshape(t.shape[0], -1) for k, t in v.items()}
-        return ops.affine_dot(d, flat.get("bias"), xhat if "weight" in flat else None, flat.get("weight"))
+        parts = []
+        for sl in self._slices([rec]):
+            xhat, d = self._xhat_delta(module, Record(rec.x[sl], rec.delta[sl]))
+            parts.append(ops.affine_dot(d, flat.get("bias"), xhat if "weight" in flat else None, flat.get("weight")))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def norm_sq(self, module, recs, names, ops):
-        g_w, g_b = 0, 0
-        for r in recs:
-            xhat, d = self._xhat_delta(module, r)
-            g_w = g_w + (xhat * d).sum(dim=2)
-            g_b = g_b + d.sum(dim=2)
-        out = 0
-        if "weight" in names:
-            out = out + g_w.pow(2).sum(dim=1)
-        if "bias" in names:
-            out = out + g_b.pow(2).sum(dim=1)
-        return out
+        parts = []
+        for sl in self._slices(recs):
+            g_w, g_b = 0, 0
+            for r in recs:
+                xhat, d = self._xhat_delta(module, Record(r.x[sl], r.delta[sl]))
+                g_w = g_w + (xhat * d).sum(dim=2)
+                g_b = g_b + d.sum(dim=2)
+            out = 0
+            if "weight" in names:
+                out = out + g_w.pow(2).sum(dim=1)
+            if "bias" in names:
+                out = out + g_b.pow(2).sum(dim=1)
+            parts.append(out)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def weighted_grad(self, module, rec, c):
         xhat, d = self._xhat_delta(module, rec)
