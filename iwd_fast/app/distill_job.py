@@ -9,13 +9,14 @@ from tqdm.auto import tqdm
 
 from ..data.augment import default_strategy
 from ..distill.config import DistillConfig
-from ..data import DatasetSplits, add_label_noise, load_dataset, stratified_split
+from ..data import DatasetSplits, add_label_noise, load_dataset, stratified_split, stratified_subset
 from ..evaluate import EvalSpec, evaluate_synthetic, train_network
 from ..weighting.dropin import select_initial
 from ..weighting.targets import instance_scores, validation_directions
 from ..weighting import InfluenceWeighter, auroc, sign_for
 from ..distill import METHODS, IWDState, RealPool, SyntheticSet
 from ..distill.base import build_net
+from ..distill.stages import RunContext
 from ..runtime import PhaseTimer, Stream, mix_seed, resolve_device
 
 __all__ = ["run_distillation", "prepare_pool", "initial_indices"]
@@ -103,17 +104,27 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
     device = resolve_device(cfg.device)
     torch.manual_seed(mix_seed(cfg.seed, Stream.GLOBAL))
     splits = splits if splits is not None else load_dataset(cfg.dataset, root=cfg.data_root)
+    if cfg.subset_per_class:
+        splits = _subset(splits, cfg.subset_per_class)
     timer = PhaseTimer()
     run = _open_run(out_dir, cfg)
     pool = prepare_pool(cfg, splits, device)
+    method_cls = METHODS[cfg.method]
     dsa_strategy = None
-    if cfg.method == "dsa" or cfg.method == "dm":
+    if cfg.method == "dsa" or cfg.method == "dm" or getattr(method_cls, "USES_DSA", False):
         dsa_strategy = default_strategy(cfg.dataset) if cfg.dsa_strategy == "auto" else cfg.dsa_strategy
     iwd = IWDState.from_config(cfg, pool, timer)  # validates the weighting options before any work
+    # Optional stage hook (iwd_fast.distill.stages): runs once before initialisation, cached by the method.
+    prepared, test = None, splits.test
+    if hasattr(method_cls, "prepare"):
+        prepared = method_cls.prepare(RunContext(cfg, pool, splits.test, device, timer, iwd, dsa_strategy, progress))
+        pool, test = prepared.pool, prepared.test
     with timer.phase("init"):
-        init = initial_indices(cfg, pool, device, timer)
-    syn = SyntheticSet(pool.images[init["indices"].to(device)], pool.num_classes, cfg.ipc)
-    method = METHODS[cfg.method](cfg, pool, syn, iwd, dsa_strategy, device)
+        init = prepared.init if prepared is not None and prepared.init is not None else \
+            initial_indices(cfg, pool, device, timer)
+    start_images = init["images"].to(device) if "images" in init else pool.images[init["indices"].to(device)]
+    syn = SyntheticSet(start_images, pool.num_classes, cfg.ipc)
+    method = method_cls(cfg, pool, syn, iwd, dsa_strategy, device, **({"prepared": prepared} if prepared else {}))
     start, history = 0, []
     state = run.load_checkpoint() if run is not None else None
     if state is not None:
@@ -136,7 +147,7 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
             record.update(iwd.report(pool.flipped))
         if evaluate and cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
             with timer.phase("evaluating"):
-                ev = _evaluate(cfg, syn, splits, dsa_strategy, device)
+                ev = _evaluate(cfg, method, syn, test, dsa_strategy, device)
             record.update(acc_mean=ev["mean"], acc_std=ev["std"])
         history.append(record)
         if run is not None:
@@ -155,21 +166,35 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
         summary.update(iwd.report(pool.flipped))
     if evaluate:
         with timer.phase("evaluating"):
-            ev = _evaluate(cfg, syn, splits, dsa_strategy, device)
+            ev = _evaluate(cfg, method, syn, test, dsa_strategy, device)
+            for name, spec in (method.extra_evaluations() if hasattr(method, "extra_evaluations") else {}).items():
+                summary[name] = _evaluate(cfg, method, syn, test, dsa_strategy, device, spec)
         summary["accuracy"] = ev
         history.append({"iteration": cfg.iterations, "acc_mean": ev["mean"], "acc_std": ev["std"]})
+    if hasattr(method, "summary"):
+        summary["method"] = method.summary()
     summary["timing_seconds"] = dict(timer.seconds)
     loop = timer.seconds.get("distilling", 0.0) + timer.seconds.get("scoring", 0.0)
     summary["scoring_share_of_loop"] = timer.seconds.get("scoring", 0.0) / loop if loop else 0.0
     if run is not None:
-        _write_outputs(run, cfg, summary, syn, iwd, pool, splits, history)
+        _write_outputs(run, cfg, summary, syn, iwd, pool, splits, history,
+                       method.tensors() if hasattr(method, "tensors") else {})
     summary["synthetic"] = {"images": syn.images.detach().cpu(), "labels": syn.labels.cpu()}
     summary["weights"] = iwd.weighter.weights() if iwd is not None else None
     return summary
 
 
-def _evaluate(cfg, syn, splits, dsa_strategy, device):
-    return evaluate_synthetic(syn.images.detach(), syn.labels, splits.test, cfg.eval, cfg.net,
+def _subset(splits: DatasetSplits, per_class: int) -> DatasetSplits:
+    """cfg.subset_per_class: a stratified subset (seed 0, the same for every run) of the training set."""
+    if per_class < 0:
+        raise ValueError(f"subset_per_class must be >= 0, got {per_class}")
+    return DatasetSplits(train=stratified_subset(splits.train, per_class * splits.train.num_classes), test=splits.test)
+
+
+def _evaluate(cfg, method, syn, test, dsa_strategy, device, spec=None):
+    """Evaluate what the method trains on (its ``evaluation_set`` hook, else the images and hard labels)."""
+    images, targets = method.evaluation_set() if hasattr(method, "evaluation_set") else (syn.images.detach(), syn.labels)
+    return evaluate_synthetic(images, targets, test, spec or cfg.eval, cfg.net,
                               seed=mix_seed(cfg.seed, Stream.EVALUATION), dsa_strategy=dsa_strategy or "auto", device=device,
                               progress=False)
 
@@ -185,10 +210,11 @@ def _open_run(out_dir, cfg):
     return run
 
 
-def _write_outputs(run, cfg, summary, syn, iwd, pool, splits, history) -> None:
+def _write_outputs(run, cfg, summary, syn, iwd, pool, splits, history, extra_tensors) -> None:
     from . import plots
 
-    run.save_tensors("synthetic", {"images": syn.images.detach().cpu().contiguous(), "labels": syn.labels.cpu()})
+    run.save_tensors("synthetic", {"images": syn.images.detach().cpu().contiguous(), "labels": syn.labels.cpu(),
+                                   **extra_tensors})
     train = splits.train
     plots.plot_synthetic_grid(syn.images.detach().cpu(), syn.labels.cpu(), train.mean, train.std,
                               run.path / "synthetic.png")
