@@ -138,9 +138,15 @@ def _evaluate(args) -> int:
         spec = dataclasses.replace(spec, net=dataclasses.replace(cfg.net, name=args.net))
     syn = run.load_tensors("synthetic")
     splits = load_dataset(cfg.dataset, root=args.data_root or cfg.data_root, download=args.download)
-    ev = evaluate_synthetic(syn["images"], syn["labels"], splits.test, spec, cfg.net, seed=mix_seed(args.seed, Stream.REEVALUATION),
-                            dsa_strategy="auto" if cfg.method in ("dsa", "dm") else None, device=args.device,
-                            progress=not args.quiet)
+    # What the method trains on (IDC's decoded set, DATM's soft labels) and, for ZCA runs, the whitened test set.
+    images, targets, test = syn.get("eval_images", syn["images"]), syn.get("eval_targets", syn["labels"]), splits.test
+    if "zca_matrix" in syn:
+        from ..data.zca import ZCATransform
+
+        test = dataclasses.replace(test, images=ZCATransform(syn["zca_mean"], syn["zca_matrix"])(test.images))
+    ev = evaluate_synthetic(images, targets, test, spec, cfg.net, seed=mix_seed(args.seed, Stream.REEVALUATION),
+                            dsa_strategy="auto" if cfg.method in ("dsa", "dm", "mtt", "datm", "idc") else None,
+                            device=args.device, progress=not args.quiet)
     run.save_json("evaluation.json", ev)
     print(f"test accuracy {100 * ev['mean']:.2f} ± {100 * ev['std']:.2f} over {len(ev['accs'])} nets "
           f"({ev['protocol']['variant']}); written to {run.path / 'evaluation.json'}")

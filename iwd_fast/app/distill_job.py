@@ -117,7 +117,8 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
     # Optional stage hook (iwd_fast.distill.stages): runs once before initialisation, cached by the method.
     prepared, test = None, splits.test
     if hasattr(method_cls, "prepare"):
-        prepared = method_cls.prepare(RunContext(cfg, pool, splits.test, device, timer, iwd, dsa_strategy, progress))
+        prepared = method_cls.prepare(RunContext(cfg, pool, splits.test, device, timer, iwd, dsa_strategy, progress,
+                                                 lambda c: initial_indices(c, pool, device, timer)))
         pool, test = prepared.pool, prepared.test
     with timer.phase("init"):
         init = prepared.init if prepared is not None and prepared.init is not None else \

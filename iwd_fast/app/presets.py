@@ -93,7 +93,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "idc": {"iterations": 2000, "lr_img": 5e-3 / 0.0625, "momentum_img": 0.5, "batch_real": 64,
                 "eval": {"dsa": True, "epochs": 1000},
                 "idc": {"factor": 2, "inner_loop": 100, "net_images": 2000, "metric": "mse",
-                        "aug": "color_crop_cutout", "batch_syn_max": 128, "init": "real"}},
+                        "aug": "color_crop_cutout", "batch_syn_max": 128, "init": "mix"}},
     },
     "cpu": {
         "description": "reduced CPU budget (not the field's protocol): a DC IPC-10 Fashion-MNIST run in about "

@@ -57,6 +57,7 @@ class TrajectorySpec:
     min_start_epoch: int = 0
     max_start_epoch: int = 20           # start epochs t are drawn from [min_start_epoch, max_start_epoch)
     lr_lr: float = 1e-5                 # SGD (momentum 0.5) on the learnable synthetic learning rate
+    syn_lr_init: float = 0.0            # initial synthetic learning rate; 0: expert_lr (the references' choice)
     batch_syn: int = 0                  # synthetic images per inner step; 0: all of them
     zca: bool = False                   # ZCA whitening (kornia) fitted on the pool; the test set goes through it too
     zca_eps: float = 0.1
@@ -91,7 +92,8 @@ class IDCSpec:
     match_fc: bool = False              # also match the linear head
     aug: str = "color_crop_cutout"      # augmentation of the matched real and synthetic batch ("none": off)
     batch_syn_max: int = 128            # decoded synthetic images per class and step (subsampled above)
-    init: str = "real"                  # real (random real images, the reference default) | mix (factor**2 downscaled real images per stored image)
+    init: str = "mix"                   # mix: factor**2 downscaled real images per stored image (IDC's choice
+                                        # whenever factor > 1) | real: one real image per stored image
     clamp: bool = True                  # keep pixels inside the real data's per-channel range
 
 

@@ -17,6 +17,7 @@ edge replication.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -113,13 +114,17 @@ class IDC(Distiller):
         if spec.init == "real" or spec.factor == 1:
             return Preparation(pool=pool, test=ctx.test)
         k = spec.factor ** 2
-        idx = select_initial(pool.labels.cpu(), None, pool.num_classes, cfg.ipc * k, "random",
-                             mix_seed(cfg.seed, Stream.INITIAL_IMAGES))
+        if ctx.initial_indices is not None:  # the run's own choice (random, or by IWD weights after a warm-up)
+            chosen = ctx.initial_indices(dataclasses.replace(cfg, ipc=cfg.ipc * k))
+        else:
+            chosen = {"indices": select_initial(pool.labels.cpu(), None, pool.num_classes, cfg.ipc * k, "random",
+                                                mix_seed(cfg.seed, Stream.INITIAL_IMAGES)), "init": "random"}
+        idx = chosen["indices"]
         per_class = idx.view(pool.num_classes, k, cfg.ipc)  # class c, tile t, stored image m
         images = torch.cat([mix_initial_images(pool.images[per_class[c].reshape(-1).to(pool.images.device)],
                                                spec.factor) for c in range(pool.num_classes)])
-        init = {"indices": idx, "images": images,
-                "init": f"mix: {k} random real images per stored image, downscaled into its tiles"}
+        init = {**chosen, "images": images,
+                "init": f"mix: {k} real images per stored image ({chosen['init']}), downscaled into its tiles"}
         return Preparation(pool=pool, test=ctx.test, init=init)
 
     def __init__(self, cfg, pool, syn, iwd, dsa_strategy, device, prepared=None):
@@ -153,7 +158,7 @@ class IDC(Distiller):
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         images, labels = self.evaluation_set()
-        return {"decoded_images": images, "decoded_labels": labels}
+        return {"eval_images": images, "eval_targets": labels}
 
     def summary(self) -> Dict:
         return {"idc_factor": self.spec.factor, "idc_decoded_per_class": self.spec.factor ** 2 * self.cfg.ipc}

@@ -15,13 +15,16 @@
 - ``extra_evaluations() -> {name: EvalSpec}``: further evaluations reported beside the default one
   (e.g. MTT's evaluation with the learned synthetic learning rate).
 - ``summary() -> dict``: method facts for the run summary (learned lr, expert buffers, scoring cost).
-- ``tensors() -> {name: tensor}``: extra tensors saved beside the synthetic images (soft labels, the
-  decoded set) in synthetic.safetensors.
+- ``tensors() -> {name: tensor}``: extra tensors saved beside the synthetic images in
+  synthetic.safetensors. Reserved names: "eval_images" / "eval_targets" (what evaluation trains on,
+  when it differs from "images" / "labels": IDC's decoded set, DATM's soft labels) and "zca_mean" /
+  "zca_matrix" (the images live in a ZCA-whitened space; ``iwd_fast.data.zca.ZCATransform`` whitens
+  the test set with them). ``iwd-fast evaluate`` reads them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -44,6 +47,8 @@ class RunContext:
     iwd: Any = None                 # IWDState or None
     dsa_strategy: Optional[str] = None
     progress: bool = True
+    initial_indices: Optional[Callable[[Any], Dict[str, Any]]] = None  # the run's own initial selection, for a
+    # config (random, or by IWD weights after a warm-up): {"indices": int64 [C * cfg.ipc], "init": ...}
 
 
 @dataclass

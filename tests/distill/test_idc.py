@@ -59,3 +59,42 @@ def test_idc_distance_metrics_and_which_parameters_count():
     assert idc_distance(gs, gr, "l1", match_bias=True, match_fc=True) == pytest.approx(full, rel=1e-6)
     with pytest.raises(ValueError, match="metric"):
         idc_distance(gs, gr, "l3")
+
+
+def test_idc_scores_come_from_the_matching_backward():
+    """IWD in IDC: the weighted real loss of a matching step is captured; the self-influence scores it
+    yields equal ||g_i||^2 computed independently on the same real batch (weights' scaling undone)."""
+    import dataclasses
+
+    from iwd_fast import grad_norm_sq
+    from iwd_fast.app.distill_job import prepare_pool
+    from iwd_fast.app.presets import preset_config
+    from iwd_fast.data import DatasetSplits, from_tensors
+    from iwd_fast.distill import IWDState, SyntheticSet
+    from iwd_fast.distill.base import build_net
+    from iwd_fast.distill.config import IWDSpec
+    from iwd_fast.distill.idc import IDC
+    from iwd_fast.runtime import PhaseTimer
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 1, 8, 8, generator=g), torch.arange(4).repeat(12)
+    train = from_tensors(x, y, "digits", 4)
+    splits = DatasetSplits(train=train, test=train)
+    cfg = preset_config("smoke", "idc", "digits", 2)
+    cfg = cfg.replace(weighting="iwd", batch_real=6, iwd=IWDSpec(influence="self", refresh=1),
+                      idc=dataclasses.replace(cfg.idc, aug="none"))
+    device = torch.device("cpu")
+    pool = prepare_pool(cfg, splits, device)
+    iwd = IWDState.from_config(cfg, pool, PhaseTimer())
+    iwd.weighter.update(torch.arange(len(pool.labels)), torch.rand(len(pool.labels), generator=g).double())
+    syn = SyntheticSet(pool.images[:8].clone(), 4, 2)
+    method = IDC(cfg, pool, syn, iwd, None, device)
+    seen = {}
+    iwd.update = lambda idx, raw: seen.update(idx=idx.clone(), raw=raw.detach().clone())
+    net = build_net(cfg.net, pool, 0, device)
+    loss = method._class_term(net, [n for n, _ in net.named_parameters()], list(net.parameters()), 1, True, None)
+    assert loss.requires_grad and float(loss.detach()) > 0
+    idx = seen["idx"]
+    assert bool((pool.labels[idx] == 1).all()) and len(idx) == 6
+    expected = grad_norm_sq(net, pool.images[idx], pool.labels[idx], impl="reference")
+    torch.testing.assert_close(seen["raw"], expected, rtol=1e-5, atol=0)  # float32 sums: measured 7e-7

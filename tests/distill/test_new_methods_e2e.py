@@ -59,7 +59,9 @@ def test_cli_runs_each_method(shared_cwd, monkeypatch, capsys, method, weighting
             assert facts["experts"]["buffer"] != two["unweighted_buffer"]
     if method == "idc":
         assert summary["method"]["idc_decoded_per_class"] == 8
-        assert summary["accuracy"]["protocol"]["variant"]
+    # re-evaluation from the run folder trains on what the method trains on (decoded set, soft labels)
+    assert main(["evaluate", str(out), "--num-nets", "1", "--epochs", "1", "--quiet"]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["protocol"]["num_nets"] == 1
 
 
 def _smoke(method, tmp_path, **changes):
@@ -90,7 +92,7 @@ def test_datm_trains_and_evaluates_soft_labels(tmp_path, tiny_splits):
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "run" / "synthetic.safetensors"))
-    soft = saved["soft_labels"]
+    soft = saved["eval_targets"]
     assert soft.shape == (8, 4) and torch.allclose(soft.sum(1), torch.ones(8))
     assert not torch.equal(saved["label_logits"].argmax(1) * 0, saved["label_logits"])  # learned logits, not one-hot
     assert out["method"]["datm_label_init_accuracy"] >= 0

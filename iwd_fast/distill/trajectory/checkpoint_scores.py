@@ -13,7 +13,7 @@ computed inside the backward, no per-sample gradient materialised).
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -29,7 +29,7 @@ SCORE_TARGETS = ("validation", "self")
 
 def checkpoint_scores(buffer: ExpertBuffer, experts: Sequence[int], epochs: Sequence[int], student: FlatNet,
                       images: torch.Tensor, labels: torch.Tensor, target: str, eta: float,
-                      heldout_images: torch.Tensor = None, heldout_labels: torch.Tensor = None,
+                      heldout_images: Optional[torch.Tensor] = None, heldout_labels: Optional[torch.Tensor] = None,
                       chunk_size: int = 512, impl: str = "auto", progress: bool = False) -> Dict[str, Any]:
     """Scores of every pool instance summed over the checkpoints (experts x epochs).
 

@@ -144,7 +144,7 @@ class DATM(TrajectoryMatching):
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         return {**super().tensors(), "label_logits": self.label_logits.detach(),
-                "soft_labels": F.softmax(self.label_logits.detach(), dim=1)}
+                "eval_targets": F.softmax(self.label_logits.detach(), dim=1)}
 
     def state_dict(self) -> Dict:
         return {**super().state_dict(), "label_logits": self.label_logits.detach().clone(),

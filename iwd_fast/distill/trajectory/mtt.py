@@ -8,6 +8,7 @@ acts there (weighted experts) and on the real initialisation (METHOD.md 1 and 2d
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Tuple
 
 import torch
@@ -21,6 +22,11 @@ from .student import matching_loss, unroll
 __all__ = ["TrajectoryMatching"]
 
 
+def _no_none(strategy):
+    """A DSA strategy, or None for "none" / "" (no augmentation, no draws)."""
+    return None if not strategy or strategy.lower() == "none" else strategy
+
+
 class TrajectoryMatching(Distiller):
     """One MTT run's state; ``step(it)`` performs one matching iteration and returns its metrics."""
 
@@ -30,10 +36,10 @@ class TrajectoryMatching(Distiller):
     @classmethod
     def prepare(cls, ctx):
         """Stage hook (iwd_fast.distill.stages): expert buffers, and the two-pass IWD scheme when weighted."""
-        return prepare_trajectory(ctx)
+        return prepare_trajectory(dataclasses.replace(ctx, dsa_strategy=_no_none(ctx.dsa_strategy)))
 
     def __init__(self, cfg, pool, syn, iwd, dsa_strategy, device, prepared=None):
-        super().__init__(cfg, pool, syn, iwd, dsa_strategy, device)
+        super().__init__(cfg, pool, syn, iwd, _no_none(dsa_strategy), device)
         if prepared is None:
             raise ValueError(f"{cfg.method} needs its prepare stage (expert buffers): run it through run_distillation")
         self.prepared = prepared
@@ -41,7 +47,7 @@ class TrajectoryMatching(Distiller):
         self.student = prepared.state["student"]
         self.tm = cfg.tm
         self.experts: List[int] = list(range(self.tm.num_experts))
-        self.syn_lr = torch.tensor(float(self.tm.expert_lr), device=device, requires_grad=True)
+        self.syn_lr = torch.tensor(float(self.tm.syn_lr_init or self.tm.expert_lr), device=device, requires_grad=True)
         self.opt_lr = torch.optim.SGD([self.syn_lr], lr=self.tm.lr_lr, momentum=0.5)
         self.schedule = torch.Generator().manual_seed(mix_seed(cfg.seed, self.STREAMS.networks))
         self.order: List[int] = []
@@ -116,15 +122,16 @@ class TrajectoryMatching(Distiller):
     def extra_evaluations(self) -> Dict[str, EvalSpec]:
         if not self.tm.eval_learned_lr:
             return {}
-        import dataclasses
-
         return {"accuracy_learned_lr": dataclasses.replace(self.cfg.eval, lr=float(self.syn_lr.detach()))}
 
     def summary(self) -> Dict:
         return {"learned_syn_lr": float(self.syn_lr.detach()), **self.prepared.summary}
 
     def tensors(self) -> Dict[str, torch.Tensor]:
-        return {"syn_lr": self.syn_lr.detach().reshape(1)}
+        """syn_lr, and with ZCA the fitted mean and matrix (the images live in the whitened space: a later
+        evaluation whitens the test set with them)."""
+        zca = self.prepared.state.get("zca")
+        return {"syn_lr": self.syn_lr.detach().reshape(1), **(zca.tensors() if zca is not None else {})}
 
     # -------------------------------------------------------------------------------------- resume
     def state_dict(self) -> Dict:

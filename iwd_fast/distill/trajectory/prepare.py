@@ -92,7 +92,7 @@ def _zca(ctx: RunContext, pool, test):
         transform = fit_zca(pool.images, ctx.cfg.tm.zca_eps)
         pool = dataclasses.replace(pool, images=transform(pool.images), heldout_images=transform(pool.heldout_images))
         test = dataclasses.replace(test, images=transform(test.images))
-    return pool, test
+    return pool, test, transform
 
 
 def prepare_trajectory(ctx: RunContext) -> Preparation:
@@ -100,13 +100,13 @@ def prepare_trajectory(ctx: RunContext) -> Preparation:
     ``state`` holds "buffer" (the ExpertBuffer distillation matches) and "student" (a FlatNet)."""
     cfg, tm = ctx.cfg, ctx.cfg.tm
     check_trajectory_config(cfg)
-    pool, test = ctx.pool, ctx.test
+    pool, test, zca = ctx.pool, ctx.test, None
     if tm.zca:
-        pool, test = _zca(ctx, pool, test)
+        pool, test, zca = _zca(ctx, pool, test)
     student = FlatNet(build_net(cfg.net, pool, 0, ctx.device))
-    shape = dict(net_spec=cfg.net, channels=pool.channels, num_classes=pool.num_classes, im_size=pool.im_size,
-                 images=pool.images, labels=pool.labels, spec=tm, dsa_strategy=ctx.dsa_strategy, device=ctx.device,
-                 test=test, progress=ctx.progress)
+    common = dict(net_spec=cfg.net, channels=pool.channels, num_classes=pool.num_classes, im_size=pool.im_size,
+                  images=pool.images, labels=pool.labels, spec=tm, dsa_strategy=ctx.dsa_strategy, device=ctx.device,
+                  test=test, progress=ctx.progress)
 
     def buffer_for(weights: Optional[torch.Tensor]) -> ExpertBuffer:
         return ExpertBuffer(tm.buffer_dir, expert_description(pool.images, pool.labels, pool.num_classes, pool.flipped,
@@ -118,7 +118,7 @@ def prepare_trajectory(ctx: RunContext) -> Preparation:
     if ctx.iwd is not None:
         base = buffer_for(None)
         with ctx.timer.phase("experts"):
-            first = ensure_experts(base, tm.score_experts, weights=None, label="unweighted experts", **shape)
+            first = ensure_experts(base, tm.score_experts, weights=None, label="unweighted experts", **common)
         with ctx.timer.phase("checkpoint scoring"):  # not "scoring": that phase is the in-loop share
             scored = _cached_scores(base, ctx, pool, student, tm)
         ctx.iwd.update(torch.arange(pool.labels.shape[0]), scored["scores"])
@@ -141,11 +141,11 @@ def prepare_trajectory(ctx: RunContext) -> Preparation:
     buffer = buffer_for(weights)
     with ctx.timer.phase("experts"):
         experts = ensure_experts(buffer, tm.num_experts, weights=weights,
-                                 label="weighted experts" if weights is not None else "experts", **shape)
+                                 label="weighted experts" if weights is not None else "experts", **common)
     accs = list(experts["test_acc"].values())
     summary["experts"] = {"buffer": str(buffer.path), "key": buffer.key, "count": tm.num_experts,
                           "trained_now": experts["trained"], "seconds_this_run": experts["seconds"],
                           "seconds_per_expert": experts["seconds_per_expert"],
                           "test_acc_mean": sum(accs) / len(accs) if accs else None, "weighted": weights is not None}
     return Preparation(pool=pool, test=test, init=init, state={"buffer": buffer, "student": student,
-                                                                "weights": weights}, summary=summary)
+                                                                "weights": weights, "zca": zca}, summary=summary)
