@@ -58,10 +58,17 @@ def build_eval_network(net_spec: NetSpec, channels: int, num_classes: int, im_si
                              depth=net_spec.depth, norm=net_spec.norm)
 
 
-def _check_set(images: torch.Tensor, labels: torch.Tensor, who: str) -> None:
+def _check_set(images: torch.Tensor, labels: torch.Tensor, who: str, soft_ok: bool = False) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.dtype.is_floating_point:
         raise ValueError(f"{who}: images must be a float tensor [M, C, H, W], got "
                          f"{tuple(getattr(images, 'shape', ()))} {getattr(images, 'dtype', type(images))}")
+    if soft_ok and isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.dtype.is_floating_point:
+        if labels.shape[0] != images.shape[0] or images.shape[0] == 0:
+            raise ValueError(f"{who}: soft labels must be [{images.shape[0]}, num_classes], got {tuple(labels.shape)}")
+        rows = labels.detach().double().sum(1)
+        if not bool(torch.isfinite(labels).all()) or bool((labels < 0).any()) or bool(((rows - 1).abs() > 1e-4).any()):
+            raise ValueError(f"{who}: soft labels must be finite probabilities (non-negative rows summing to 1)")
+        return
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"{who}: labels must be an integer tensor [{images.shape[0]}], got "
                          f"{tuple(getattr(labels, 'shape', ()))}")
@@ -82,9 +89,12 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, sp
     step ceil(steps/2)): the short warm-up of a scoring network on real data. DSA
     (``dsa_augment(x, dsa_strategy, seed=...)``, one draw per batch) runs when ``spec.dsa`` and
     ``dsa_strategy`` are set. Shuffling and DSA seeds derive from ``seed`` alone.
+    Soft labels: ``labels`` float [M, num_classes] of probabilities trains on the soft cross entropy
+    -sum_c p_c log softmax(f(x))_c (DATM's evaluation); train_acc then compares with argmax p.
     Returns {"loss": mean training loss of the last epoch, "train_acc": its accuracy, "steps": n}.
     """
-    _check_set(images, labels, "train_network")
+    _check_set(images, labels, "train_network", soft_ok=True)
+    soft = labels.dim() == 2
     if steps is None:
         epochs = spec.epochs if epochs is None else int(epochs)
         if epochs < 1:
@@ -95,7 +105,8 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, sp
         raise ValueError(f"train_network: need batch_size >= 1 and lr > 0, got {spec.batch_size}, {spec.lr}")
     device = resolve_device(device)
     use_dsa = bool(spec.dsa and dsa_strategy and dsa_strategy.lower() != "none")
-    x_all, y_all = images.detach().to(device, torch.float32), labels.detach().to(device, torch.long)
+    x_all = images.detach().to(device, torch.float32)
+    y_all = labels.detach().to(device, torch.float32 if soft else torch.long)
     m, bs = x_all.shape[0], min(spec.batch_size, x_all.shape[0])
     per_epoch = -(-m // bs)
     if steps is None:
@@ -123,12 +134,12 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, sp
             if use_dsa:
                 x = dsa_augment(x, dsa_strategy, seed=int(torch.randint(0, 2 ** 31 - 1, (), generator=dsa_gen)))
             logits = net(x)
-            loss = F.cross_entropy(logits, y)
+            loss = -(y * F.log_softmax(logits, dim=1)).sum(1).mean() if soft else F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             loss_sum += float(loss.detach()) * y.shape[0]
-            correct += int((logits.detach().argmax(1) == y).sum())
+            correct += int((logits.detach().argmax(1) == (y.argmax(1) if soft else y)).sum())
             seen += y.shape[0]
             step += 1
             bar.update(1)
@@ -192,7 +203,8 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test: ImageSe
                        progress: bool = True) -> Dict[str, Any]:
     """Train ``spec.num_nets`` fresh networks on the synthetic set and test each after its final epoch.
 
-    images [M, C, H, W] float (normalised like ``test``), labels [M] int64 in [0, test.num_classes).
+    images [M, C, H, W] float (normalised like ``test``), labels [M] int64 in [0, test.num_classes), or soft
+    labels float [M, test.num_classes] of probabilities (see :func:`train_network`).
     Network j uses ``spec.net`` (or ``net_spec`` when that is None) initialised with seed
     ``seed * 1000 + j``, and the same value seeds its shuffling and DSA draws. ``dsa_strategy``: a DSA
     strategy string, "auto" (``default_strategy(test.name)``) or None; augmentation runs only when
@@ -200,14 +212,15 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test: ImageSe
     Returns {"mean", "std" (population std, ddof=0, over nets), "std_kind", "accs", "seeds", "seconds",
     "protocol": {spec fields, "net", "dsa", "dsa_strategy", "variant", ...}}; accuracies in [0, 1].
     """
-    _check_set(images, labels, "evaluate_synthetic")
+    _check_set(images, labels, "evaluate_synthetic", soft_ok=True)
+    soft = labels.dim() == 2
     if not isinstance(test, ImageSet):
         raise ValueError(f"evaluate_synthetic: test must be an ImageSet, got {type(test).__name__}")
     if tuple(images.shape[1:]) != (test.channels, *test.im_size):
         raise ValueError(f"evaluate_synthetic: synthetic images {tuple(images.shape[1:])} do not match the "
                          f"test images {(test.channels, *test.im_size)}")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= test.num_classes:
+    lo, hi = (0, labels.shape[1] - 1) if soft else (int(labels.min()), int(labels.max()))
+    if lo < 0 or hi >= test.num_classes or (soft and labels.shape[1] != test.num_classes):
         raise ValueError(f"evaluate_synthetic: labels must lie in [0, {test.num_classes}), got [{lo}, {hi}]")
     if spec.num_nets < 1 or spec.epochs < 1:
         raise ValueError(f"evaluate_synthetic: need num_nets >= 1 and epochs >= 1, got {spec.num_nets}, "
@@ -216,7 +229,8 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test: ImageSe
         dsa_strategy = default_strategy(test.name)
     net_spec = spec.net if spec.net is not None else net_spec
     dsa_used = bool(spec.dsa and dsa_strategy and dsa_strategy.lower() != "none")
-    images, labels = images.detach().float().cpu(), labels.detach().long().cpu()
+    images, labels = images.detach().float().cpu(), labels.detach().cpu()
+    labels = labels.float() if soft else labels.long()
     accs, seeds, started = [], [], time.perf_counter()
     for j in tqdm(range(spec.num_nets), desc="evaluate", disable=not progress):
         net_seed = int(seed) * 1000 + j

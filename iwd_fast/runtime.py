@@ -38,6 +38,16 @@ class Stream(enum.IntEnum):
     DM_AUGMENT = 22        # distribution matching: DSA draws
     DM_NETWORKS = 23       # distribution matching: the network of each iteration (with the iteration)
     HELDOUT_BATCHES = 31   # the held-out batch drawn at each refresh of the validation target
+    EXPERT_NETWORK = 41    # trajectory matching: initial weights of expert e (with the expert seed and e)
+    EXPERT_TRAINING = 42   # its shuffling and DSA draws (with the expert seed, e and a sub-stream)
+    TM_SAMPLER = 43        # trajectory matching: the base sampler (unused by the loop itself)
+    TM_AUGMENT = 44        # trajectory matching: DSA draws of the inner unroll
+    TM_SCHEDULE = 45       # trajectory matching: expert order, start epochs, synthetic batches
+    TM_INITIAL = 46        # trajectory matching: which real images initialise the synthetic set
+    IDC_SAMPLER = 51       # IDC: real batches (matching and network updates)
+    IDC_AUGMENT = 52       # IDC: augmentation draws
+    IDC_NETWORKS = 53      # IDC: the network of each iteration (with the iteration)
+    IDC_SUBSAMPLE = 54     # IDC: subsampling of decoded synthetic images above batch_syn_max
 
 
 class TrainingStream(enum.IntEnum):

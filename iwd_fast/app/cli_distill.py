@@ -141,9 +141,14 @@ def run_evaluate(args) -> int:
         spec = dataclasses.replace(spec, net=dataclasses.replace(cfg.net, name=args.net))
     syn = run.load_tensors("synthetic")
     splits = load_splits(cfg, download=args.download)
+    # What the method trains on (IDC's decoded set, DATM's soft labels) and, for ZCA runs, the whitened test set.
+    images, targets, test = syn.get("eval_images", syn["images"]), syn.get("eval_targets", syn["labels"]), splits.test
+    if "zca_matrix" in syn:
+        from ..data.zca import ZCATransform
+
+        test = dataclasses.replace(test, images=ZCATransform(syn["zca_mean"], syn["zca_matrix"])(test.images))
     seed = None if args.seed is None else mix_seed(args.seed, Stream.REEVALUATION)
-    ev = evaluate_images(cfg, syn["images"], syn["labels"], splits.test, args.device, eval_spec=spec, seed=seed,
-                         progress=not args.quiet)
+    ev = evaluate_images(cfg, images, targets, test, args.device, eval_spec=spec, seed=seed, progress=not args.quiet)
     run.save_json("evaluation.json", ev)
     print(f"test accuracy {100 * ev['mean']:.2f} ± {100 * ev['std']:.2f} over {len(ev['accs'])} nets "
           f"({ev['protocol']['variant']}); written to {run.path / 'evaluation.json'}")

@@ -19,6 +19,7 @@ from ..distill.base import PLAIN_REAL_SIDE, SCORED_REAL_SIDE
 from ..distill.config import DistillConfig, validate
 from ..distill.pool import initial_indices, prepare_pool, warmup_weights
 from ..evaluate import evaluate_synthetic
+from ..distill.stages import RunContext
 from ..runtime import PhaseTimer, Stream, mix_seed, resolve_device
 from .run_folder import RunFolder
 
@@ -71,13 +72,20 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
     if cfg.weighting == "static" or cfg.iwd.init != "random":
         warmup = warmup_weights(cfg, pool, device, timer)
     iwd = IWDState.from_config(cfg, pool, timer, warmup)
-    init = initial_indices(cfg, pool, warmup)
-    syn = SyntheticSet(pool.images[init["indices"].to(device)], pool.num_classes, cfg.ipc)
-    method = METHODS[cfg.method](cfg, pool, syn, iwd, dsa_strategy, device, timer=timer)
+    method_cls, prepared, test = METHODS[cfg.method], None, splits.test
+    if hasattr(method_cls, "prepare"):  # optional stage hook (iwd_fast.distill.stages), cached by the method
+        prepared = method_cls.prepare(RunContext(cfg, pool, splits.test, device, timer, iwd, dsa_strategy, progress,
+                                                 lambda c: initial_indices(c, pool, warmup)))
+        pool, test = prepared.pool, prepared.test
+    init = prepared.init if prepared is not None and prepared.init is not None else initial_indices(cfg, pool, warmup)
+    start_images = init["images"].to(device) if "images" in init else pool.images[init["indices"].to(device)]
+    syn = SyntheticSet(start_images, pool.num_classes, cfg.ipc)
+    method = method_cls(cfg, pool, syn, iwd, dsa_strategy, device, timer=timer,
+                        **({"prepared": prepared} if prepared is not None else {}))
     init_acc = None
     if evaluate:
         with timer.phase("evaluating"):
-            init_acc = _initial_accuracy(cfg, syn, splits, dsa_strategy, device, init, init_cache)
+            init_acc = _initial_accuracy(cfg, method, test, device, init, init_cache)
     start, history = 0, ([{"iteration": 0, "acc_mean": init_acc["mean"], "acc_std": init_acc["std"]}]
                          if init_acc else [])
     state = run.load_checkpoint() if run is not None else None
@@ -100,7 +108,7 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
             record.update(iwd.report(pool.flipped))
         if evaluate and cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
             with timer.phase("evaluating"):
-                ev = _evaluate(cfg, syn, splits, dsa_strategy, device)
+                ev = _evaluate(cfg, method, syn, test, dsa_strategy, device)
             record.update(acc_mean=ev["mean"], acc_std=ev["std"])
         history.append(record)
         if run is not None:
@@ -116,13 +124,18 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
     summary = _summary(cfg, init, pool, warmup, iwd, timer)
     if evaluate:
         with timer.phase("evaluating"):
-            ev = _evaluate(cfg, syn, splits, dsa_strategy, device)
+            ev = _evaluate(cfg, method, test, device)
+            for name, spec in (method.extra_evaluations() if hasattr(method, "extra_evaluations") else {}).items():
+                summary[name] = _evaluate(cfg, method, test, device, spec)
         summary.update(accuracy=ev, init_accuracy=init_acc, gain_over_init=ev["mean"] - init_acc["mean"])
         history.append({"iteration": cfg.iterations, "acc_mean": ev["mean"], "acc_std": ev["std"]})
+    if hasattr(method, "summary"):
+        summary["method"] = method.summary()
     summary["timing_seconds"], summary["timing_calls"] = dict(timer.seconds), dict(timer.calls)
     summary.update(scoring_overhead(timer))
     if run is not None:
-        _write_outputs(run, summary, syn, iwd, pool, splits, history)
+        _write_outputs(run, summary, syn, iwd, pool, splits, history,
+                       method.tensors() if hasattr(method, "tensors") else {})
     summary["synthetic"] = {"images": syn.images.detach().cpu(), "labels": syn.labels.cpu()}
     summary["weights"] = iwd.weighter.weights() if iwd is not None else None
     return summary
@@ -160,7 +173,7 @@ def _summary(cfg, init, pool, warmup, iwd, timer) -> Dict[str, Any]:
 
 def dsa_strategy_of(cfg: DistillConfig) -> Optional[str]:
     """The DSA strategy a run distils (and, when its eval spec says so, evaluates) with; None for DC."""
-    if cfg.method not in ("dsa", "dm"):
+    if cfg.method not in ("dsa", "dm") and not getattr(METHODS[cfg.method], "USES_DSA", False):
         return None
     return default_strategy(cfg.dataset) if cfg.dsa_strategy == "auto" else cfg.dsa_strategy
 
@@ -174,21 +187,26 @@ def evaluate_images(cfg: DistillConfig, images: torch.Tensor, labels: torch.Tens
                               dsa_strategy=dsa_strategy_of(cfg) or "auto", device=device, progress=progress)
 
 
-def _evaluate(cfg, syn, splits, dsa_strategy, device):
-    return evaluate_images(cfg, syn.images, syn.labels, splits.test, device)
+def _evaluate(cfg, method, test, device, spec=None) -> Dict[str, Any]:
+    """Evaluate what the method trains on (its ``evaluation_set`` hook, else the images and hard labels)."""
+    images, targets = (method.evaluation_set() if hasattr(method, "evaluation_set")
+                       else (method.syn.images, method.syn.labels))
+    return evaluate_images(cfg, images, targets, test, device, eval_spec=spec)
 
 
-def _initial_accuracy(cfg, syn, splits, dsa_strategy, device, init, cache: Optional[str]) -> Dict[str, Any]:
+def _initial_accuracy(cfg, method, test, device, init, cache: Optional[str]) -> Dict[str, Any]:
     """The evaluation of the undistilled initial images (cached by what determines it)."""
     key_parts = {"dataset": cfg.dataset, "train_size": cfg.train_size, "test_size": cfg.test_size,
                  "noise": cfg.noise, "noise_kind": cfg.noise_kind, "seed": cfg.seed, "ipc": cfg.ipc,
                  "indices": init["indices"].tolist(), "eval": cfg.to_dict()["eval"], "net": cfg.to_dict()["net"],
-                 "dsa": dsa_strategy, "method_eval": cfg.method in ("dsa", "dm")}
+                 "dsa": dsa_strategy_of(cfg), "method_eval": cfg.method in ("dsa", "dm")}
+    if hasattr(METHODS[cfg.method], "prepare"):  # its stage shapes the initial set (experts, ZCA, IDC tiles)
+        key_parts.update(method=cfg.method, tm=cfg.to_dict()["tm"], idc=cfg.to_dict()["idc"])
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache) / f"init_{key}.json" if cache else None
     if path is not None and path.is_file():
         return json.loads(path.read_text())
-    ev = _evaluate(cfg, syn, splits, dsa_strategy, device)
+    ev = _evaluate(cfg, method, test, device)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -228,10 +246,11 @@ def _open_run(out_dir, cfg) -> Optional[RunFolder]:
     return run
 
 
-def _write_outputs(run, summary, syn, iwd, pool, splits, history) -> None:
+def _write_outputs(run, summary, syn, iwd, pool, splits, history, extra_tensors) -> None:
     from . import plots
 
-    run.save_tensors("synthetic", {"images": syn.images.detach().cpu().contiguous(), "labels": syn.labels.cpu()})
+    run.save_tensors("synthetic", {"images": syn.images.detach().cpu().contiguous(), "labels": syn.labels.cpu(),
+                                   **extra_tensors})
     train = splits.train
     plots.plot_synthetic_grid(syn.images.detach().cpu(), syn.labels.cpu(), train.mean, train.std,
                               run.path / "synthetic.png")

@@ -36,6 +36,34 @@ FIELD_LOOPS: Dict[int, Tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25)
 _FIELD_NET = {"name": "convnet", "width": 128, "depth": 3, "norm": "instancenorm"}
 _FIELD_EVAL = {"num_nets": 5, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 256}
 
+# MTT per IPC (CIFAR-10), from the MTT paper's hyper-parameter table (the repository shows it only as an
+# image, so these were transcribed by hand: check them before a publication run).
+_MTT_PAPER_BY_IPC = {
+    1: {"lr_img": 1000, "tm": {"syn_steps": 50, "expert_epochs": 2, "max_start_epoch": 2, "lr_lr": 1e-7}},
+    10: {"lr_img": 100000, "tm": {"syn_steps": 30, "expert_epochs": 2, "max_start_epoch": 20, "lr_lr": 1e-5}},
+    50: {"lr_img": 100, "tm": {"syn_steps": 30, "expert_epochs": 2, "max_start_epoch": 40, "lr_lr": 1e-5, "zca": False}},
+}
+# DATM per IPC: the repository's configs/CIFAR-10/ConvIN/IPC{1,10,50}.yaml.
+_DATM_PAPER_BY_IPC = {
+    1: {"lr_img": 100, "tm": {"syn_steps": 80, "expert_epochs": 2, "max_start_epoch": 4, "lr_lr": 1e-7,
+                              "datm_sequential": False, "datm_lr_labels": 5.0, "datm_threshold": 1.1}},
+    10: {"lr_img": 100, "tm": {"syn_steps": 80, "expert_epochs": 2, "max_start_epoch": 20, "lr_lr": 1e-5,
+                               "datm_initial_max_start": 10, "datm_expansion_end": 1000, "datm_lr_labels": 2.0}},
+    50: {"lr_img": 1000, "tm": {"syn_steps": 80, "expert_epochs": 2, "max_start_epoch": 40, "lr_lr": 1e-5,
+                                "datm_initial_max_start": 20, "datm_expansion_end": 2000, "datm_lr_labels": 2.0}},
+}
+# Reduced CPU budgets for trajectory matching and IDC (measured in docs/TRAJECTORY.md).
+_TM_CPU = {"iterations": 200, "lr_img": 100.0, "momentum_img": 0.5, "train_size": 3000,
+           "eval": {"num_nets": 5, "epochs": 300, "dsa": False, "batch_size": 256},
+           "tm": {"num_experts": 5, "train_epochs": 15, "expert_lr": 0.01, "syn_steps": 10, "expert_epochs": 2,
+                  "max_start_epoch": 10, "lr_lr": 1e-5, "score_experts": 1}}
+_DATM_CPU = {**_TM_CPU, "tm": {**_TM_CPU["tm"], "datm_initial_max_start": 5, "datm_expansion_end": 100}}
+_IDC_CPU = {"iterations": 20, "lr_img": 1e-3, "momentum_img": 0.5, "batch_real": 64, "train_size": 3000,
+            "eval": {"num_nets": 5, "epochs": 300, "dsa": False, "batch_size": 256},
+            "idc": {"factor": 2, "inner_loop": 20, "net_images": 256, "metric": "l1"}}
+_TM_SMOKE = {"num_experts": 2, "train_epochs": 3, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2,
+             "expert_batch": 256, "score_experts": 1}
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {
         "description": "the field's full protocol (METHOD.md section 5): ConvNet-3 width 128 instancenorm; "
@@ -48,6 +76,22 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "dc": {"eval": {"dsa": False, "epochs": 300}},
         "dsa": {"eval": {"dsa": True, "epochs": 1000}},
         "dm": {"iterations": 20000, "lr_img": 1.0, "eval": {"dsa": True, "epochs": 1000}},
+        # Trajectory matching and IDC (docs/TRAJECTORY.md): the authors' repositories' settings.
+        "mtt": {"iterations": 5000, "lr_img": 1000, "momentum_img": 0.5, "eval": {"dsa": True, "epochs": 1000},
+                "tm": {"num_experts": 100, "train_epochs": 50, "expert_lr": 0.01, "syn_steps": 20, "expert_epochs": 3,
+                       "max_start_epoch": 20, "lr_lr": 1e-5, "zca": True, "eval_learned_lr": True}},
+        "mtt_by_ipc": _MTT_PAPER_BY_IPC,
+        "datm": {"iterations": 10000, "lr_img": 100, "momentum_img": 0.5, "eval": {"dsa": True, "epochs": 1000},
+                 "tm": {"num_experts": 100, "train_epochs": 50, "expert_lr": 0.01, "syn_steps": 80, "expert_epochs": 2,
+                        "min_start_epoch": 0, "max_start_epoch": 20, "lr_lr": 1e-5, "zca": True,
+                        "eval_learned_lr": True, "datm_sequential": True, "datm_initial_max_start": 10,
+                        "datm_expansion_end": 1000, "datm_lr_labels": 2.0, "datm_momentum_labels": 0.9,
+                        "datm_threshold": 1.0, "datm_init_correct": True}},
+        "datm_by_ipc": _DATM_PAPER_BY_IPC,
+        "idc": {"iterations": 2000, "lr_img": 5e-3 / 0.0625, "momentum_img": 0.5, "batch_real": 64,
+                "eval": {"dsa": True, "epochs": 1000},
+                "idc": {"factor": 2, "inner_loop": 100, "net_images": 2000, "metric": "mse",
+                        "aug": "color_crop_cutout", "batch_syn_max": 128, "init": "mix"}},
     },
     "cpu": {
         "description": "reduced CPU budget (not the field's protocol; measured in benchmarks/RESULTS.md): a 10,000-image "
@@ -63,6 +107,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "dsa": {"eval": {"dsa": True}},
         "dm": {"iterations": 150, "lr_img": 10.0, "eval": {"dsa": True}},
         "datasets": {"fashion-mnist": {"train_size": 10000, "test_size": 2000}, "digits": {"net": {"depth": 2}}},
+        "mtt": dict(_TM_CPU),
+        "datm": dict(_DATM_CPU),
+        "idc": dict(_IDC_CPU),
     },
     "demo": {
         "description": "demo budget (not the field's protocol): the cpu preset's loops on the demo's data (a 3,000-image "
@@ -86,6 +133,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 "net": {"name": "convnet", "width": 8, "depth": 3, "norm": "instancenorm"},
                 "eval": {"num_nets": 1, "epochs": 2, "batch_size": 64}, "iwd": {"warmup_steps": 2}},
         "dm": {"lr_img": 1.0},
+        "mtt": {"lr_img": 100.0, "tm": dict(_TM_SMOKE)},
+        "datm": {"lr_img": 100.0, "tm": {**_TM_SMOKE, "datm_initial_max_start": 1, "datm_expansion_end": 2}},
+        "idc": {"lr_img": 1e-3, "idc": {"inner_loop": 1, "net_images": 16, "batch_syn_max": 8}},
     },
 }
 
@@ -156,8 +206,13 @@ def preset_config(name: str, method: str, dataset: str, ipc: int) -> DistillConf
     outer, inner = loops_for_ipc(name, ipc)
     d = DistillConfig(method=method, dataset=dataset, ipc=ipc).to_dict()
     _merge(d, preset.get("all", {}))
-    _merge(d, preset.get(method, {}))
     _merge(d, preset.get("datasets", {}).get(dataset, {}))
+    _merge(d, preset.get(method, {}))  # a method's own settings win over the dataset's
+    by_ipc = preset.get(f"{method}_by_ipc")  # per-IPC overrides of one method (trajectory matching)
+    if by_ipc:
+        if ipc not in by_ipc and preset["strict_ipc"]:
+            raise ValueError(f"preset {name!r} defines {method} only for IPC {sorted(by_ipc)}, got {ipc}")
+        _merge(d, by_ipc.get(ipc, by_ipc[min(by_ipc, key=lambda k: (abs(k - ipc), k))]))
     d.update(outer_loop=outer, inner_loop=inner, preset=name)
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(DistillConfig)})
     if unknown:

@@ -1,10 +1,13 @@
-"""Built-in distillers (DC, DSA, DM) on the same drop-in hooks offered to other people's loops."""
+"""Built-in distillers (DC, DSA, DM, MTT, DATM, IDC) on the same drop-in hooks offered to other people's loops."""
 from .base import RealPool, SyntheticSet
 from .iwd_state import IWDState
 from .distribution_matching import DistributionMatching
 from .gradient_matching import GradientMatching, layerwise_distance
+from .idc import IDC
+from .trajectory import DATM, TrajectoryMatching
 
-METHODS = {"dc": GradientMatching, "dsa": GradientMatching, "dm": DistributionMatching}
+METHODS = {"dc": GradientMatching, "dsa": GradientMatching, "dm": DistributionMatching,
+           "mtt": TrajectoryMatching, "datm": DATM, "idc": IDC}
 
-__all__ = ["METHODS", "GradientMatching", "DistributionMatching", "layerwise_distance", "IWDState", "RealPool",
-           "SyntheticSet"]
+__all__ = ["METHODS", "GradientMatching", "DistributionMatching", "TrajectoryMatching", "DATM", "IDC",
+           "layerwise_distance", "IWDState", "RealPool", "SyntheticSet"]

@@ -76,7 +76,7 @@ def test_errors_name_the_valid_choices():
     with pytest.raises(ValueError, match="valid presets: paper, cpu, demo, smoke"):
         preset_config("huge", "dc", "digits", 10)
     with pytest.raises(ValueError, match="valid methods"):
-        preset_config("cpu", "mtt", "digits", 10)
+        preset_config("cpu", "magic", "digits", 10)
     with pytest.raises(ValueError, match="positive integer"):
         preset_config("cpu", "dc", "digits", 0)
 

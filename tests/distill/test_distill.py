@@ -149,7 +149,7 @@ def test_weighted_init_avoids_flipped_labels(tiny_splits):
 
 def test_bad_config_errors(tiny_splits):
     with pytest.raises(ValueError, match="unknown method"):
-        run_distillation(smoke("dc").replace(method="mtt"), tiny_splits, progress=False)
+        run_distillation(smoke("dc").replace(method="magic"), tiny_splits, progress=False)
     with pytest.raises(ValueError, match="unknown influence target"):
         run_distillation(smoke("dc", weighting="iwd", iwd=IWDSpec(influence="magic")), tiny_splits, progress=False)
     with pytest.raises(ValueError, match="held-out"):

@@ -1,0 +1,260 @@
+"""IDC: efficient dataset condensation via multi-formation (Kim et al., ICML 2022), with influence weighting.
+
+- Multi-formation: each stored image [C, H, W] is cut into factor x factor tiles, each tile upsampled
+  (bilinear) back to [C, H, W]: ipc stored images per class decode to factor**2 * ipc training images.
+  The decode is linear, so gradients reach the stored pixels.
+- Per iteration a fresh network; for ``idc.inner_loop`` steps, every class's stored images are updated
+  so that the network's gradient on the decoded synthetic batch matches its gradient on a real batch
+  of the class (IDC's distance: l1 / mse / cos over the convolution weights), the real and synthetic
+  batch sharing one augmentation draw; then the network trains on ``idc.net_images`` real images.
+- IWD as in DC (METHOD.md 1): the real loss of the matching step is the weighted mean sum_i wn_i CE_i,
+  and the backward the step already runs is captured to score the real batch.
+
+Deviations from the reference, all documented in docs/TRAJECTORY.md: images live in the dataset's
+normalised space (so lr_img differs from IDC's pixel-space value by 1 / std^2), the network update uses
+the matching augmentation without CutMix, and tiles of a size that does not divide H are padded by
+edge replication.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..data.augment import dsa_augment
+from ..runtime import MethodStreams, Stream, mix_seed
+from ..scoring import capture
+from ..weighting.dropin import select_initial, weighted_cross_entropy
+from ..weighting.targets import implicit_direction, matching_direction, scores_from_capture
+from .base import PLAIN_REAL_SIDE, SCORED_REAL_SIDE, Distiller, build_net
+from .stages import Preparation
+
+__all__ = ["decode_multi", "mix_initial_images", "idc_distance", "IDC", "IDC_METRICS"]
+
+IDC_METRICS = ("l1", "mse", "cos")
+
+
+def decode_multi(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """Uniform multi-formation: images [n, C, H, W] -> [factor**2 * n, C, H, W].
+
+    Output block k = i * factor + j (rows i, columns j) holds tile (i, j) of every image, upsampled
+    bilinearly (align_corners=False) to H x W; tile side s = ceil(H / factor) (edge padding when H is not
+    a multiple). factor 1 returns ``images`` itself.
+    """
+    if factor < 1:
+        raise ValueError(f"decode_multi: factor must be >= 1, got {factor}")
+    if factor == 1:
+        return images
+    n, c, h, w = images.shape
+    sh, sw = math.ceil(h / factor), math.ceil(w / factor)
+    x = images
+    if sh * factor != h or sw * factor != w:
+        x = F.pad(x, (0, sw * factor - w, 0, sh * factor - h), mode="replicate")
+    tiles = [x[:, :, i * sh:(i + 1) * sh, j * sw:(j + 1) * sw] for i in range(factor) for j in range(factor)]
+    return F.interpolate(torch.cat(tiles), size=(h, w), mode="bilinear", align_corners=False)
+
+
+def mix_initial_images(real: torch.Tensor, factor: int) -> torch.Tensor:
+    """IDC's "mix" initialisation: real [factor**2 * n, C, H, W] -> stored images [n, C, H, W], tile
+    (i, j) of stored image m being real image (i * factor + j) * n + m downscaled to the tile."""
+    k = factor * factor
+    if real.shape[0] % k:
+        raise ValueError(f"mix_initial_images: need a multiple of {k} real images, got {real.shape[0]}")
+    n, (_, c, h, w) = real.shape[0] // k, real.shape
+    sh, sw = math.ceil(h / factor), math.ceil(w / factor)
+    out = torch.zeros(n, c, sh * factor, sw * factor, dtype=real.dtype, device=real.device)
+    for i in range(factor):
+        for j in range(factor):
+            block = real[(i * factor + j) * n:(i * factor + j + 1) * n]
+            out[:, :, i * sh:(i + 1) * sh, j * sw:(j + 1) * sw] = F.interpolate(block, size=(sh, sw), mode="bilinear",
+                                                                                align_corners=False)
+    return out[:, :, :h, :w].contiguous()
+
+
+def idc_distance(gw_syn: Sequence[torch.Tensor], gw_real: Sequence[torch.Tensor], metric: str = "l1",
+                 match_bias: bool = False, match_fc: bool = False) -> torch.Tensor:
+    """IDC's gradient distance summed over the matched parameters: l1 sum|a - b|, mse sum (a - b)^2, or
+    cos sum over output units of (1 - cosine). 1-D tensors count only with ``match_bias``, 2-D (the
+    linear head) only with ``match_fc``."""
+    if metric not in IDC_METRICS:
+        raise ValueError(f"idc.metric must be one of {IDC_METRICS}, got {metric!r}")
+    total = gw_syn[0].new_zeros(())
+    for gs, gr in zip(gw_syn, gw_real):
+        if (gs.dim() == 1 and not match_bias) or (gs.dim() == 2 and not match_fc):
+            continue
+        if metric == "l1":
+            total = total + (gs - gr).abs().sum()
+        elif metric == "mse":
+            total = total + (gs - gr).pow(2).sum()
+        else:
+            a, b = gs.reshape(gs.shape[0], -1), gr.reshape(gr.shape[0], -1)
+            total = total + (1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-6)).sum()
+    return total
+
+
+class IDC(Distiller):
+    """One IDC run's state; ``step(it)`` performs one iteration (a fresh network, ``idc.inner_loop`` steps)."""
+
+    STREAMS = MethodStreams(Stream.IDC_SAMPLER, Stream.IDC_AUGMENT, Stream.IDC_NETWORKS)
+
+    @classmethod
+    def prepare(cls, ctx) -> Preparation:
+        """Stage hook: checks the IDC options; for init "mix" draws factor**2 real images per stored image."""
+        cfg, spec, pool = ctx.cfg, ctx.cfg.idc, ctx.pool
+        if spec.factor < 1 or spec.inner_loop < 1 or spec.net_images < 0 or spec.batch_syn_max < 1:
+            raise ValueError(f"idc: need factor >= 1, inner_loop >= 1, net_images >= 0, batch_syn_max >= 1; got "
+                             f"{spec.factor}, {spec.inner_loop}, {spec.net_images}, {spec.batch_syn_max}")
+        if spec.metric not in IDC_METRICS:
+            raise ValueError(f"idc.metric must be one of {IDC_METRICS}, got {spec.metric!r}")
+        if spec.init not in ("mix", "real"):
+            raise ValueError(f"idc.init must be 'mix' or 'real', got {spec.init!r}")
+        if spec.init == "real" or spec.factor == 1:
+            return Preparation(pool=pool, test=ctx.test)
+        k = spec.factor ** 2
+        if ctx.initial_indices is not None:  # the run's own choice (random, or by IWD weights after a warm-up)
+            chosen = ctx.initial_indices(dataclasses.replace(cfg, ipc=cfg.ipc * k))
+        else:
+            chosen = {"indices": select_initial(pool.labels.cpu(), None, pool.num_classes, cfg.ipc * k, "random",
+                                                mix_seed(cfg.seed, Stream.INITIAL_IMAGES)), "init": "random"}
+        idx = chosen["indices"]
+        per_class = idx.view(pool.num_classes, k, cfg.ipc)  # class c, tile t, stored image m
+        images = torch.cat([mix_initial_images(pool.images[per_class[c].reshape(-1).to(pool.images.device)],
+                                               spec.factor) for c in range(pool.num_classes)])
+        init = {**chosen, "images": images,
+                "init": f"mix: {k} real images per stored image ({chosen['init']}), downscaled into its tiles"}
+        return Preparation(pool=pool, test=ctx.test, init=init)
+
+    def __init__(self, cfg, pool, syn, iwd, dsa_strategy, device, timer=None, prepared=None):
+        super().__init__(cfg, pool, syn, iwd, dsa_strategy, device, timer=timer)
+        self.spec = cfg.idc
+        self.aug = None if self.spec.aug in ("", "none") else self.spec.aug
+        per_channel = pool.images.transpose(0, 1).reshape(pool.channels, -1)
+        shape = (1, pool.channels, 1, 1)
+        self.lo, self.hi = per_channel.min(1).values.view(shape), per_channel.max(1).values.view(shape)
+        self.subsample = torch.Generator().manual_seed(mix_seed(cfg.seed, Stream.IDC_SUBSAMPLE))
+
+    # -------------------------------------------------------------------------------- multi-formation
+    def _pick(self) -> Optional[torch.Tensor]:
+        """Which decoded images of a class enter this step: None (all) or indices [batch_syn_max]."""
+        m = self.spec.factor ** 2 * self.cfg.ipc
+        if m <= self.spec.batch_syn_max:
+            return None
+        return torch.randperm(m, generator=self.subsample)[:self.spec.batch_syn_max].to(self.device)
+
+    def decoded(self, stored: torch.Tensor, pick: Optional[torch.Tensor]) -> torch.Tensor:
+        """Decoded images [<= batch_syn_max, C, H, W] of stored images [ipc, C, H, W] (differentiable)."""
+        x = decode_multi(stored, self.spec.factor)
+        return x if pick is None else x[pick]
+
+    def evaluation_set(self):
+        """The decoded set [factor**2 * C * ipc, C, H, W] (class-major) and its labels."""
+        with torch.no_grad():
+            parts = [decode_multi(self.syn.of_class(c).detach(), self.spec.factor) for c in range(self.pool.num_classes)]
+        labels = torch.arange(self.pool.num_classes, device=self.device).repeat_interleave(parts[0].shape[0])
+        return torch.cat(parts), labels
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        images, labels = self.evaluation_set()
+        return {"eval_images": images, "eval_targets": labels}
+
+    def summary(self) -> Dict:
+        return {"idc_factor": self.spec.factor, "idc_decoded_per_class": self.spec.factor ** 2 * self.cfg.ipc}
+
+    # --------------------------------------------------------------------------------------- the loop
+    def _aug(self, x: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
+        return x if seed is None else dsa_augment(x, self.aug, seed=seed)
+
+    def _seed(self) -> Optional[int]:
+        return None if self.aug is None else int(torch.randint(0, 2 ** 31 - 1, (), generator=self.aug_gen))
+
+    def _distance(self, gs, gr) -> torch.Tensor:
+        return idc_distance(gs, gr, self.spec.metric, self.spec.match_bias, self.spec.match_fc)
+
+    def step(self, it: int) -> Dict[str, float]:
+        cfg, pool = self.cfg, self.pool
+        net = build_net(cfg.net, pool, mix_seed(cfg.seed, self.STREAMS.networks, it), self.device).train()
+        names = [n for n, _ in net.named_parameters()]
+        params = [p for _, p in net.named_parameters()]
+        opt_net = torch.optim.SGD(params, lr=self.spec.net_lr, momentum=self.spec.net_momentum,
+                                  weight_decay=self.spec.net_weight_decay)
+        if self.spec.clamp:
+            with torch.no_grad():
+                self.syn.images.copy_(torch.maximum(torch.minimum(self.syn.images, self.hi), self.lo))
+        total = 0.0
+        for step in range(self.spec.inner_loop):
+            scoring = self.iwd is not None and self.iwd.due(it * self.spec.inner_loop + step)
+            val_dir = None
+            if scoring and self.iwd.target == "validation":
+                with self.iwd.timer.phase("scoring"):
+                    val_dir = self.iwd.validation_direction(net, pool, scale=self.spec.net_lr)
+            for c in range(pool.num_classes):
+                loss = self._class_term(net, names, params, c, scoring, val_dir)
+                self.opt_img.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt_img.step()
+                total += float(loss.detach())
+            self._train_net(net, opt_net)
+        return {"match_loss": total / (self.spec.inner_loop * pool.num_classes)}
+
+    def _class_term(self, net, names: List[str], params, c: int, scoring: bool, val_dir) -> torch.Tensor:
+        cfg, pool, iwd = self.cfg, self.pool, self.iwd
+        idx = self.sampler.sample(c, cfg.batch_real).to(self.device)
+        w = iwd.batch_weights(idx, self.device) if iwd is not None else None
+        seed = self._seed()
+        x_real = self._aug(pool.images[idx], seed)
+        cap = None
+        if scoring:  # one backward of the unweighted losses gives the weighted gradient and the scores
+            streamed = {n: d for n, d in zip(names, val_dir)} if val_dir is not None else None
+            with self.timer.phase(SCORED_REAL_SIDE), capture(net, directions=streamed) as cap:
+                losses = F.cross_entropy(net(x_real), pool.labels[idx], reduction="none")
+                gw_real = list(cap.weighted_gradient(losses, w, params))
+        else:
+            with self.timer.phase(PLAIN_REAL_SIDE):
+                loss_real = weighted_cross_entropy(net(x_real), pool.labels[idx], w, validate=False)
+                gw_real = [g.detach() for g in torch.autograd.grad(loss_real, params)]
+
+        def syn_grads(x_syn: torch.Tensor, y_syn: torch.Tensor) -> List[torch.Tensor]:
+            loss = F.cross_entropy(net(self._aug(x_syn, seed)), y_syn)
+            return list(torch.autograd.grad(loss, params, create_graph=True))
+
+        pick = self._pick()
+        x_syn = self.decoded(self.syn.of_class(c), pick)
+        y_syn = torch.full((x_syn.shape[0],), c, dtype=torch.long, device=x_syn.device)
+        gw_syn = syn_grads(x_syn, y_syn)
+        if not (scoring and iwd.target in ("explicit", "implicit")):
+            dist = self._distance(gw_syn, gw_real)
+            if scoring:
+                with iwd.timer.phase("scoring"):
+                    iwd.score_captured(cap, idx, names)
+            return dist
+        with iwd.timer.phase("scoring"):
+            dist, direction = matching_direction(lambda gr: self._distance(gw_syn, gr), gw_real)
+            if iwd.target == "implicit":
+                stored = self.syn.of_class(c)
+                u = torch.autograd.grad(dist, stored, retain_graph=True)[0].detach()
+
+                def v_of(s_new: torch.Tensor, create_graph: bool) -> List[torch.Tensor]:
+                    gs = syn_grads(self.decoded(s_new, pick), y_syn)
+                    return matching_direction(lambda gr: self._distance(gs, gr), gw_real, create_graph)[1]
+
+                direction = implicit_direction(direction, v_of, stored.detach(), u, cfg.lr_img)
+            dots = scores_from_capture(cap, iwd.target, names, direction, iwd.impl)
+            iwd.score_influence(dots, idx, direction, gw_real)
+        return dist
+
+    def _train_net(self, net, opt_net) -> None:
+        """One pass over ``idc.net_images`` real images drawn uniformly from the pool, batch batch_real."""
+        n_img = min(self.spec.net_images, self.pool.labels.shape[0])
+        if n_img == 0:
+            return
+        pick = torch.randperm(self.pool.labels.shape[0], generator=self.sampler.generator)[:n_img].to(self.device)
+        bs = max(1, min(self.cfg.batch_real, n_img))
+        for start in range(0, n_img, bs):
+            idx = pick[start:start + bs]
+            loss = F.cross_entropy(net(self._aug(self.pool.images[idx], self._seed())), self.pool.labels[idx])
+            opt_net.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_net.step()
