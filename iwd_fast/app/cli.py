@@ -14,12 +14,21 @@ from .cli_distill import add_common as _add_common, add_distill_parser, add_eval
 from .presets import METHODS, list_presets
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it has none (None, a store_true flag) or its help names it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iwd-fast", formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=(
+    parser = argparse.ArgumentParser(prog="iwd-fast", formatter_class=HelpFormatter, description=(
         "Influence-weighted dataset distillation. Scores each real instance by a per-sample-gradient dot "
         "product (never materialising per-sample gradients) and turns scores into instance weights."))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=functools.partial(
-        argparse.ArgumentParser, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+        argparse.ArgumentParser, formatter_class=HelpFormatter))
 
     add_distill_parser(sub)
     add_evaluate_parser(sub)
@@ -59,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/score", help="run folder (resumable; a finished run is reported)")
     _add_common(s)
 
-    m = sub.add_parser("demo", help="paired runs with and without IWD on label-noised data (the README's main job)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = sub.add_parser("demo", help="paired runs with and without IWD on label-noised data (the README's main job)")
     m.add_argument("--method", choices=METHODS, default="dc")
     m.add_argument("--dataset", choices=("auto", "digits", "fashion-mnist"), default="auto",
                    help="auto: a Fashion-MNIST subset if its files are found, else digits")
@@ -72,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data-root", default=None)
     m.add_argument("--quiet", action="store_true")
 
-    b = sub.add_parser("bench", help="run a benchmark suite (a TOML grid of cells), resumably and in parallel",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b = sub.add_parser("bench", help="run a benchmark suite (a TOML grid of cells), resumably and in parallel")
     b.add_argument("spec", help="the suite's TOML file (see iwd_fast/app/bench_spec.py; benchmarks/specs/)")
     b.add_argument("--out", required=True, help="suite folder: cells/, init_cache/, manifest.json, results.jsonl")
     b.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
@@ -82,8 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-root", default=None, help="folder with the datasets' standard files")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    r = sub.add_parser("report", help="markdown tables and plots from a suite's results.jsonl",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r = sub.add_parser("report", help="markdown tables and plots from a suite's results.jsonl")
     r.add_argument("results", help="results.jsonl written by `iwd-fast bench`")
     r.add_argument("--out", default=None, help="markdown file to write (default: print)")
     r.add_argument("--into", default=None, metavar="NAME:FILE",

@@ -26,8 +26,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_distill_parser(sub) -> argparse.ArgumentParser:
-    d = sub.add_parser("distill", help="distil a dataset into a few synthetic images per class",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = sub.add_parser("distill", help="distil a dataset into a few synthetic images per class")
     d.add_argument("--method", choices=METHODS, default="dc")
     d.add_argument("--dataset", choices=DATASET_NAMES, default="digits")
     d.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
@@ -62,8 +61,7 @@ def add_distill_parser(sub) -> argparse.ArgumentParser:
 
 
 def add_evaluate_parser(sub) -> argparse.ArgumentParser:
-    e = sub.add_parser("evaluate", help="train fresh networks on a run's synthetic set and report test accuracy",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = sub.add_parser("evaluate", help="train fresh networks on a run's synthetic set and report test accuracy")
     e.add_argument("run", help="a run folder written by `iwd-fast distill` (config.json + synthetic.safetensors)")
     e.add_argument("--num-nets", type=int, default=None, help="default: the run's")
     e.add_argument("--epochs", type=int, default=None, help="default: the run's")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from iwd_fast.distill.config import DistillConfig, IWDSpec, NetSpec
-from iwd_fast.data import from_tensors, DatasetSplits
+from iwd_fast.data import DatasetSplits
 from iwd_fast.app.distill_job import run_distillation
 from iwd_fast.distill.gradient_matching import layerwise_distance
 from iwd_fast.weighting.dropin import weighted_cross_entropy
@@ -15,25 +15,6 @@ from iwd_fast.networks import build_network
 from iwd_fast.app.presets import preset_config
 from iwd_fast.scoring.oracle import per_sample_grads
 from iwd_fast.weighting.targets import jvp_exact, jvp_fd, matching_direction
-
-
-@pytest.fixture(scope="module")
-def tiny_splits():
-    """A learnable 4-class 8x8 problem: class c has a bright quadrant c."""
-    g = torch.Generator().manual_seed(0)
-
-    def make(n):
-        y = torch.arange(4).repeat(n // 4)
-        x = 0.3 * torch.randn(len(y), 1, 8, 8, generator=g)
-        for c in range(4):
-            r, col = divmod(c, 2)
-            x[y == c, :, 4 * r:4 * r + 4, 4 * col:4 * col + 4] += 1.0
-        return x, y
-
-    (xt, yt), (xs, ys) = make(160), make(80)
-    train = from_tensors(xt, yt, "digits", num_classes=4)
-    test = from_tensors(xs, ys, "digits", num_classes=4, mean=train.mean, std=train.std)
-    return DatasetSplits(train=train, test=test)
 
 
 def smoke(method, **changes):
