@@ -30,3 +30,24 @@ def error_budget(fast: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, e
     err_fast = (fast.double() - ref64).abs().max().item() if ref64.numel() else 0.0
     err_plain = (plain.double() - ref64).abs().max().item() if ref64.numel() else 0.0
     return err_fast, 2.0 * err_plain + eps * max(1.0, scale)
+
+
+@pytest.fixture(scope="module")
+def tiny_splits():
+    """(distillation tests) A learnable 4-class 8x8 problem (class c has a bright quadrant c), small enough for seconds."""
+    from iwd_fast.data import DatasetSplits, from_tensors  # after the interpreter switch above
+
+    g = torch.Generator().manual_seed(0)
+
+    def make(n):
+        y = torch.arange(4).repeat(n // 4)
+        x = 0.3 * torch.randn(len(y), 1, 8, 8, generator=g)
+        for c in range(4):
+            r, col = divmod(c, 2)
+            x[y == c, :, 4 * r:4 * r + 4, 4 * col:4 * col + 4] += 1.0
+        return x, y
+
+    (xt, yt), (xs, ys) = make(160), make(80)
+    train = from_tensors(xt, yt, "digits", num_classes=4)
+    test = from_tensors(xs, ys, "digits", num_classes=4, mean=train.mean, std=train.std)
+    return DatasetSplits(train=train, test=test)
