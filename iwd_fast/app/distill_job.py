@@ -108,7 +108,7 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
             record.update(iwd.report(pool.flipped))
         if evaluate and cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.iterations:
             with timer.phase("evaluating"):
-                ev = _evaluate(cfg, method, syn, test, dsa_strategy, device)
+                ev = _evaluate(cfg, method, test, device)
             record.update(acc_mean=ev["mean"], acc_std=ev["std"])
         history.append(record)
         if run is not None:

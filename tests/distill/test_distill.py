@@ -204,3 +204,14 @@ def test_a_finished_run_is_never_repeated_and_a_resume_logs_each_iteration_once(
 
 def _read_log(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_an_intermediate_evaluation_equals_the_final_one_of_a_run_stopped_there(tiny_splits, tmp_path):
+    """--eval-every: the accuracy logged after iteration 1 of a 2-iteration run is exactly the final
+    accuracy of the same run with 1 iteration (same synthetic set, same evaluation networks)."""
+    run_distillation(smoke("dc", iterations=2, eval_every=1), tiny_splits, out_dir=str(tmp_path / "two"), progress=False)
+    one = run_distillation(smoke("dc", iterations=1), tiny_splits, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in log if r.get("iteration") == 1 and "acc_mean" in r]
+    assert len(logged) == 1
+    assert logged[0]["acc_mean"] == one["accuracy"]["mean"]
