@@ -64,6 +64,17 @@ _IDC_CPU = {"iterations": 20, "lr_img": 1e-3, "momentum_img": 0.5, "batch_real":
 _TM_SMOKE = {"num_experts": 2, "train_epochs": 3, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2,
              "expert_batch": 256, "score_experts": 1}
 
+# The reduced CPU budget shared by the "cpu" and "demo" presets (they differ in their data only).
+_REDUCED_CPU = {
+    "strict_ipc": False,
+    "loops": {1: (1, 1), 10: (5, 10), 50: (5, 2)},
+    "all": {"iterations": 20, "lr_img": 0.3, "lr_net": 0.01, "momentum_img": 0.5, "batch_real": 64,
+            "batch_train_net": 256, "net": {"name": "convnet", "width": 16, "depth": 3, "norm": "instancenorm"},
+            "eval": {"num_nets": 5, "epochs": 300, "batch_size": 256, "dsa": False}, "iwd": {"warmup_steps": 50}},
+    "dsa": {"eval": {"dsa": True}},
+    "dm": {"iterations": 150, "lr_img": 10.0, "eval": {"dsa": True}},
+}
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {
         "description": "the field's full protocol (METHOD.md section 5): ConvNet-3 width 128 instancenorm; "
@@ -99,13 +110,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                        "iterations of 5 outer x 10 inner loops, batch_real 64, lr_img 0.3 (DM: 150 iterations, "
                        "lr_img 10); eval 5 nets x 300 epochs, batch 256, DSA for DSA and DM; about 1-2 CPU-minutes "
                        "per run",
-        "strict_ipc": False,
-        "loops": {1: (1, 1), 10: (5, 10), 50: (5, 2)},
-        "all": {"iterations": 20, "lr_img": 0.3, "lr_net": 0.01, "momentum_img": 0.5, "batch_real": 64,
-                "batch_train_net": 256, "net": {"name": "convnet", "width": 16, "depth": 3, "norm": "instancenorm"},
-                "eval": {"num_nets": 5, "epochs": 300, "batch_size": 256, "dsa": False}, "iwd": {"warmup_steps": 50}},
-        "dsa": {"eval": {"dsa": True}},
-        "dm": {"iterations": 150, "lr_img": 10.0, "eval": {"dsa": True}},
+        **_REDUCED_CPU,
         "datasets": {"fashion-mnist": {"train_size": 10000, "test_size": 2000}, "digits": {"net": {"depth": 2}}},
         "mtt": dict(_TM_CPU),
         "datm": dict(_DATM_CPU),
@@ -115,13 +120,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "description": "demo budget (not the field's protocol): the cpu preset's loops on the demo's data (a 3,000-image "
                        "Fashion-MNIST subset or digits): ConvNet-3 width 16 (depth 2 on digits), 20 iterations of 5 x 10 "
                        "loops, batch_real 64, lr_img 0.3 (DM: 150 iterations, lr_img 10); eval 5 nets x 300 epochs",
-        "strict_ipc": False,
-        "loops": {1: (1, 1), 10: (5, 10), 50: (5, 2)},
-        "all": {"iterations": 20, "lr_img": 0.3, "lr_net": 0.01, "momentum_img": 0.5, "batch_real": 64,
-                "batch_train_net": 256, "net": {"name": "convnet", "width": 16, "depth": 3, "norm": "instancenorm"},
-                "eval": {"num_nets": 5, "epochs": 300, "batch_size": 256, "dsa": False}, "iwd": {"warmup_steps": 50}},
-        "dsa": {"eval": {"dsa": True}},
-        "dm": {"iterations": 150, "lr_img": 10.0, "eval": {"dsa": True}},
+        **_REDUCED_CPU,
         "datasets": {"digits": {"net": {"depth": 2}}},
     },
     "smoke": {
