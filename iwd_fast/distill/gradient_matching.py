@@ -8,7 +8,7 @@ already runs is captured to score the batch.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +48,7 @@ class GradientMatching(Distiller):
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
         total = 0.0
         for ol in range(cfg.outer_loop):
-            scoring = self.iwd is not None and self.iwd.due(it * cfg.outer_loop + ol)
-            val_dir = None
-            if scoring and self.iwd.target == "validation":
-                with self.iwd.timer.phase("scoring"):
-                    val_dir = self.iwd.validation_direction(net, pool, scale=cfg.lr_net)
+            scoring, val_dir = self._scoring_plan(net, it * cfg.outer_loop + ol, cfg.lr_net)
             loss = torch.zeros((), device=self.device)
             for c in range(pool.num_classes):
                 loss = loss + self._class_term(net, names, params, c, scoring, val_dir)
@@ -65,14 +61,36 @@ class GradientMatching(Distiller):
             self._train_net(net, opt_net)
         return {"match_loss": total / (cfg.outer_loop * pool.num_classes)}
 
+    # ------------------------------------------------------------ what a subclass changes (IDC)
+    def _distance(self, gw_syn: Sequence[torch.Tensor], gw_real: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The matching distance between synthetic and real gradients (DC's layer-wise cosine)."""
+        return layerwise_distance(gw_syn, gw_real)
+
+    def _synthetic_of_class(self, c: int) -> Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        """(stored, decode, labels): the learnable images of class c [ipc, C, H, W] (a view of the synthetic
+        set), the differentiable map from them to the images the network sees, and those images' labels."""
+        return self.syn.of_class(c), lambda stored: stored, self.syn.labels[c * self.syn.ipc:(c + 1) * self.syn.ipc]
+
+    # -------------------------------------------------------------------------------- one matching term
+    def _scoring_plan(self, net, step_index: int, scale: float) -> Tuple[bool, Optional[List[torch.Tensor]]]:
+        """Whether matching step ``step_index`` scores its real batches, and the validation direction it
+        streams (None unless the target is "validation"; ``scale`` the network's learning rate)."""
+        scoring = self.iwd is not None and self.iwd.due(step_index)
+        val_dir = None
+        if scoring and self.iwd.target == "validation":
+            with self.iwd.timer.phase("scoring"):
+                val_dir = self.iwd.validation_direction(net, self.pool, scale=scale)
+        return scoring, val_dir
+
     def _class_term(self, net, names, params, c: int, scoring: bool, val_dir) -> torch.Tensor:
-        cfg, pool, syn, iwd = self.cfg, self.pool, self.syn, self.iwd
+        """The matching distance of class c (graph to the synthetic images); when ``scoring``, the real
+        batch's scores are taken from the same backward that gives the (weighted) real gradient."""
+        cfg, pool, iwd = self.cfg, self.pool, self.iwd
         idx = self.sampler.sample(c, cfg.batch_real).to(self.device)
         x_real, y_real = pool.images[idx], pool.labels[idx]
         w = iwd.batch_weights(idx, self.device) if iwd is not None else None
         seed = self._next_seed()
         x_real = self._augment(x_real, seed)
-        y_syn = syn.labels[c * syn.ipc:(c + 1) * syn.ipc]
 
         cap = None
         if scoring:  # one backward of the unweighted losses gives the weighted gradient and the scores
@@ -85,29 +103,29 @@ class GradientMatching(Distiller):
                 loss_real = weighted_cross_entropy(net(x_real), y_real, w, validate=False)
                 gw_real = [g.detach() for g in torch.autograd.grad(loss_real, params)]
 
-        def syn_grads(s_c: torch.Tensor, create_graph: bool = True) -> List[torch.Tensor]:
-            out = net(self._augment(s_c, seed))
-            return list(torch.autograd.grad(F.cross_entropy(out, y_syn), params, create_graph=create_graph))
+        stored, decode, y_syn = self._synthetic_of_class(c)
 
-        s_c = syn.of_class(c)
-        gw_syn = syn_grads(s_c)
+        def syn_grads(s: torch.Tensor) -> List[torch.Tensor]:
+            out = net(self._augment(decode(s), seed))
+            return list(torch.autograd.grad(F.cross_entropy(out, y_syn), params, create_graph=True))
+
+        gw_syn = syn_grads(stored)
         if not (scoring and iwd.target in ("explicit", "implicit")):
-            dist = layerwise_distance(gw_syn, gw_real)
+            dist = self._distance(gw_syn, gw_real)
             if scoring:
                 with iwd.timer.phase("scoring"):
                     iwd.score_captured(cap, idx, names)
             return dist
         with iwd.timer.phase("scoring"):
-            dist, v = matching_direction(lambda gr: layerwise_distance(gw_syn, gr), gw_real)
-            direction = v
+            dist, direction = matching_direction(lambda gr: self._distance(gw_syn, gr), gw_real)
             if iwd.target == "implicit":
-                u = torch.autograd.grad(dist, s_c, retain_graph=True)[0].detach()
+                u = torch.autograd.grad(dist, stored, retain_graph=True)[0].detach()
 
                 def v_of(s_new: torch.Tensor, create_graph: bool) -> List[torch.Tensor]:
-                    gs = syn_grads(s_new, create_graph=True)
-                    return matching_direction(lambda gr: layerwise_distance(gs, gr), gw_real, create_graph)[1]
+                    gs = syn_grads(s_new)
+                    return matching_direction(lambda gr: self._distance(gs, gr), gw_real, create_graph)[1]
 
-                direction = implicit_direction(v, v_of, s_c.detach(), u, cfg.lr_img)
+                direction = implicit_direction(direction, v_of, stored.detach(), u, cfg.lr_img)
             dots = scores_from_capture(cap, iwd.target, names, direction, iwd.impl)
             iwd.score_influence(dots, idx, direction, gw_real)
         return dist

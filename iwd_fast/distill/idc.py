@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..data.augment import dsa_augment
 from ..runtime import MethodStreams, Stream, mix_seed
-from ..scoring import capture
-from ..weighting.dropin import select_initial, weighted_cross_entropy
-from ..weighting.targets import implicit_direction, matching_direction, scores_from_capture
-from .base import PLAIN_REAL_SIDE, SCORED_REAL_SIDE, Distiller, build_net
+from ..weighting.dropin import select_initial
+from .base import build_net
+from .gradient_matching import GradientMatching
 from .stages import Preparation
 
 __all__ = ["decode_multi", "mix_initial_images", "idc_distance", "IDC", "IDC_METRICS"]
@@ -95,8 +94,12 @@ def idc_distance(gw_syn: Sequence[torch.Tensor], gw_real: Sequence[torch.Tensor]
     return total
 
 
-class IDC(Distiller):
-    """One IDC run's state; ``step(it)`` performs one iteration (a fresh network, ``idc.inner_loop`` steps)."""
+class IDC(GradientMatching):
+    """One IDC run's state; ``step(it)`` performs one iteration (a fresh network, ``idc.inner_loop`` steps).
+
+    The matching term of a class is DC's (:meth:`GradientMatching._class_term`, IWD included); IDC changes
+    what the network sees (the decoded images), the distance, the augmentation and the loop around it.
+    """
 
     STREAMS = MethodStreams(Stream.IDC_SAMPLER, Stream.IDC_AUGMENT, Stream.IDC_NETWORKS)
 
@@ -163,16 +166,25 @@ class IDC(Distiller):
     def summary(self) -> Dict:
         return {"idc_factor": self.spec.factor, "idc_decoded_per_class": self.spec.factor ** 2 * self.cfg.ipc}
 
-    # --------------------------------------------------------------------------------------- the loop
-    def _aug(self, x: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
-        return x if seed is None else dsa_augment(x, self.aug, seed=seed)
+    # ------------------------------------------------------------- what IDC changes in DC's matching
+    def _synthetic_of_class(self, c: int):
+        """Stored images of class c [ipc, C, H, W], their decode (subsampled to batch_syn_max), labels c."""
+        pick = self._pick()
+        n = self.spec.factor ** 2 * self.cfg.ipc if pick is None else pick.shape[0]
+        labels = torch.full((n,), c, dtype=torch.long, device=self.device)
+        return self.syn.of_class(c), lambda stored: self.decoded(stored, pick), labels
 
-    def _seed(self) -> Optional[int]:
+    def _distance(self, gw_syn, gw_real) -> torch.Tensor:
+        return idc_distance(gw_syn, gw_real, self.spec.metric, self.spec.match_bias, self.spec.match_fc)
+
+    def _next_seed(self) -> Optional[int]:
+        """Seed of the next draw of IDC's augmentation (``idc.aug``, shared by a real and a synthetic batch)."""
         return None if self.aug is None else int(torch.randint(0, 2 ** 31 - 1, (), generator=self.aug_gen))
 
-    def _distance(self, gs, gr) -> torch.Tensor:
-        return idc_distance(gs, gr, self.spec.metric, self.spec.match_bias, self.spec.match_fc)
+    def _augment(self, x: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
+        return x if seed is None else dsa_augment(x, self.aug, seed=seed)
 
+    # --------------------------------------------------------------------------------------- the loop
     def step(self, it: int) -> Dict[str, float]:
         cfg, pool = self.cfg, self.pool
         net = build_net(cfg.net, pool, mix_seed(cfg.seed, self.STREAMS.networks, it), self.device).train()
@@ -185,12 +197,8 @@ class IDC(Distiller):
                 self.syn.images.copy_(torch.maximum(torch.minimum(self.syn.images, self.hi), self.lo))
         total = 0.0
         for step in range(self.spec.inner_loop):
-            scoring = self.iwd is not None and self.iwd.due(it * self.spec.inner_loop + step)
-            val_dir = None
-            if scoring and self.iwd.target == "validation":
-                with self.iwd.timer.phase("scoring"):
-                    val_dir = self.iwd.validation_direction(net, pool, scale=self.spec.net_lr)
-            for c in range(pool.num_classes):
+            scoring, val_dir = self._scoring_plan(net, it * self.spec.inner_loop + step, self.spec.net_lr)
+            for c in range(pool.num_classes):  # IDC updates the images class by class
                 loss = self._class_term(net, names, params, c, scoring, val_dir)
                 self.opt_img.zero_grad(set_to_none=True)
                 loss.backward()
@@ -198,52 +206,6 @@ class IDC(Distiller):
                 total += float(loss.detach())
             self._train_net(net, opt_net)
         return {"match_loss": total / (self.spec.inner_loop * pool.num_classes)}
-
-    def _class_term(self, net, names: List[str], params, c: int, scoring: bool, val_dir) -> torch.Tensor:
-        cfg, pool, iwd = self.cfg, self.pool, self.iwd
-        idx = self.sampler.sample(c, cfg.batch_real).to(self.device)
-        w = iwd.batch_weights(idx, self.device) if iwd is not None else None
-        seed = self._seed()
-        x_real = self._aug(pool.images[idx], seed)
-        cap = None
-        if scoring:  # one backward of the unweighted losses gives the weighted gradient and the scores
-            streamed = {n: d for n, d in zip(names, val_dir)} if val_dir is not None else None
-            with self.timer.phase(SCORED_REAL_SIDE), capture(net, directions=streamed) as cap:
-                losses = F.cross_entropy(net(x_real), pool.labels[idx], reduction="none")
-                gw_real = list(cap.weighted_gradient(losses, w, params))
-        else:
-            with self.timer.phase(PLAIN_REAL_SIDE):
-                loss_real = weighted_cross_entropy(net(x_real), pool.labels[idx], w, validate=False)
-                gw_real = [g.detach() for g in torch.autograd.grad(loss_real, params)]
-
-        def syn_grads(x_syn: torch.Tensor, y_syn: torch.Tensor) -> List[torch.Tensor]:
-            loss = F.cross_entropy(net(self._aug(x_syn, seed)), y_syn)
-            return list(torch.autograd.grad(loss, params, create_graph=True))
-
-        pick = self._pick()
-        x_syn = self.decoded(self.syn.of_class(c), pick)
-        y_syn = torch.full((x_syn.shape[0],), c, dtype=torch.long, device=x_syn.device)
-        gw_syn = syn_grads(x_syn, y_syn)
-        if not (scoring and iwd.target in ("explicit", "implicit")):
-            dist = self._distance(gw_syn, gw_real)
-            if scoring:
-                with iwd.timer.phase("scoring"):
-                    iwd.score_captured(cap, idx, names)
-            return dist
-        with iwd.timer.phase("scoring"):
-            dist, direction = matching_direction(lambda gr: self._distance(gw_syn, gr), gw_real)
-            if iwd.target == "implicit":
-                stored = self.syn.of_class(c)
-                u = torch.autograd.grad(dist, stored, retain_graph=True)[0].detach()
-
-                def v_of(s_new: torch.Tensor, create_graph: bool) -> List[torch.Tensor]:
-                    gs = syn_grads(self.decoded(s_new, pick), y_syn)
-                    return matching_direction(lambda gr: self._distance(gs, gr), gw_real, create_graph)[1]
-
-                direction = implicit_direction(direction, v_of, stored.detach(), u, cfg.lr_img)
-            dots = scores_from_capture(cap, iwd.target, names, direction, iwd.impl)
-            iwd.score_influence(dots, idx, direction, gw_real)
-        return dist
 
     def _train_net(self, net, opt_net) -> None:
         """One pass over ``idc.net_images`` real images drawn uniformly from the pool, batch batch_real."""
@@ -254,7 +216,7 @@ class IDC(Distiller):
         bs = max(1, min(self.cfg.batch_real, n_img))
         for start in range(0, n_img, bs):
             idx = pick[start:start + bs]
-            loss = F.cross_entropy(net(self._aug(self.pool.images[idx], self._seed())), self.pool.labels[idx])
+            loss = F.cross_entropy(net(self._augment(self.pool.images[idx], self._next_seed())), self.pool.labels[idx])
             opt_net.zero_grad(set_to_none=True)
             loss.backward()
             opt_net.step()

@@ -98,3 +98,68 @@ def test_idc_scores_come_from_the_matching_backward():
     assert bool((pool.labels[idx] == 1).all()) and len(idx) == 6
     expected = grad_norm_sq(net, pool.images[idx], pool.labels[idx], impl="reference")
     torch.testing.assert_close(seen["raw"], expected, rtol=1e-5, atol=0)  # float32 sums: measured 7e-7
+
+
+def test_idc_implicit_influence_matches_autograd_through_the_look_ahead():
+    """IWD's implicit target in IDC (float64): the score the matching step records for each real instance is
+    the derivative of IDC's objective after one look-ahead step of the STORED images (decoded inside),
+    L(S'(w), w) with S' = S - lr_img grad_S L(S, w), computed here by exact autograd. Failed before the
+    IDC matching term was shared with DC (the look-ahead was taken w.r.t. a tensor outside the graph)."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from iwd_fast.app.distill_job import prepare_pool
+    from iwd_fast.app.presets import preset_config
+    from iwd_fast.data import DatasetSplits, from_tensors
+    from iwd_fast.distill import IWDState, SyntheticSet
+    from iwd_fast.distill.base import build_net
+    from iwd_fast.distill.config import IWDSpec
+    from iwd_fast.distill.idc import IDC
+    from iwd_fast.runtime import PhaseTimer
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(56, 1, 8, 8, generator=g), torch.arange(4).repeat(14)
+    train = from_tensors(x, y, "digits", 4)
+    cfg = preset_config("smoke", "idc", "digits", 2)
+    alpha = 2e-3
+    cfg = cfg.replace(weighting="iwd", batch_real=7, lr_img=alpha,
+                      iwd=IWDSpec(influence="implicit", refresh=1, standardize=False),
+                      idc=dataclasses.replace(cfg.idc, aug="none", metric="mse"))
+    device = torch.device("cpu")
+    pool = prepare_pool(cfg, DatasetSplits(train=train, test=train), device)
+    pool = dataclasses.replace(pool, images=pool.images.double())
+    iwd = IWDState.from_config(cfg, pool, PhaseTimer())
+    syn = SyntheticSet(torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64), 4, 2)
+    method = IDC(cfg, pool, syn, iwd, None, device)
+    seen = {}
+    iwd.update = lambda idx, raw: seen.update(idx=idx.clone(), raw=raw.detach().clone())
+    net = build_net(cfg.net, pool, 0, device).double()
+    c = 2
+    method._class_term(net, [n for n, _ in net.named_parameters()], list(net.parameters()), c, True, None)
+    idx = seen["idx"]
+    assert len(idx) == 7 and bool((pool.labels[idx] == c).all())
+
+    xr, yr = pool.images[idx], pool.labels[idx]
+    y_syn = torch.full((8,), c)
+
+    def loss(stored, w):  # IDC's objective with weighted real loss, fresh parameter leaves each call
+        theta = {n: q.detach().requires_grad_(True) for n, q in net.named_parameters()}
+        call = lambda inp: torch.func.functional_call(net, theta, (inp,))  # noqa: E731
+        real = torch.autograd.grad(((w / w.sum()) * F.cross_entropy(call(xr), yr, reduction="none")).sum(),
+                                   list(theta.values()), create_graph=True)
+        synth = torch.autograd.grad(F.cross_entropy(call(decode_multi(stored, 2)), y_syn), list(theta.values()),
+                                    create_graph=True)
+        return idc_distance(synth, real, "mse")
+
+    w = torch.ones(7, dtype=torch.float64, requires_grad=True)
+    s = syn.of_class(c).detach().clone().requires_grad_(True)
+    u = torch.autograd.grad(loss(s, w), s, create_graph=True)[0]
+    look_ahead = torch.autograd.grad(loss(s - alpha * u, w), w)[0]
+    explicit = torch.autograd.grad(loss(s.detach(), w), w)[0]
+    got = seen["raw"]
+    correction_exact, correction_got = look_ahead - explicit, got - explicit
+    assert correction_exact.abs().max() > 1e-6 * explicit.abs().max()
+    ratio = float(correction_got @ correction_exact / (correction_exact @ correction_exact))
+    assert ratio == pytest.approx(1.0, abs=0.05), ratio
+    assert (got - look_ahead).abs().max() < 0.1 * correction_exact.abs().max()
