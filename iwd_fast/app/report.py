@@ -21,6 +21,7 @@ import numpy as np
 __all__ = ["load_rows", "paired", "render", "plot_suite", "markdown_table", "replace_section", "main_report"]
 
 TABLE_KEYS = ("grid", "method", "dataset", "ipc", "noise", "noise_kind", "budget")
+LOOPED_METHODS = ("dc", "dsa")  # methods whose iterations are outer x inner loops (the header says so)
 
 
 def load_rows(path: str, allow_mixed: bool = False) -> List[Dict[str, Any]]:
@@ -105,6 +106,25 @@ def _table_rows(rows, baseline: str, clean: Optional[List[Dict[str, Any]]]) -> T
     return out, stats
 
 
+def _stage_costs(rows: List[Dict[str, Any]]) -> List[str]:
+    """Per variant whose IWD runs as a stage before the loop (the two-pass scheme of trajectory matching):
+    what the stage cost beside the loop, from the runs' phase timers (their "scoring % of loop" is 0: the
+    loop itself does no scoring)."""
+    by_variant = defaultdict(list)
+    for r in rows:
+        t = r.get("timing_seconds") or {}
+        if "checkpoint scoring" in t:
+            by_variant[r["variant"]].append(t)
+    lines = []
+    for name, ts in by_variant.items():
+        def sec(key):
+            return _mean_std([t.get(key) for t in ts], pct=False, digits=0)
+        lines.append(f"- {name}: IWD ran before the loop: scoring along expert checkpoints {sec('checkpoint scoring')} s, "
+                     f"warm-up scoring {sec('warm-up scoring')} s, experts trained by the run "
+                     f"{sec('experts')} s, beside {sec('distilling')} s of distillation ({len(ts)} runs)")
+    return ["\n" + "\n".join(lines)] if lines else []
+
+
 def _recovery(stats: Dict, baseline: str, clean_acc: Dict[int, float]) -> List[str]:
     """Per variant: the share of the noise cost won back, and the one-sided test of winning back half."""
     from scipy import stats as st
@@ -151,10 +171,12 @@ def render(rows: List[Dict[str, Any]], baseline: str = "unweighted") -> str:
         table, stats = _table_rows(sel, baseline, clean)
         eval_variant = sel[0].get("eval_variant") or "?"
         loops = sel[0].get("loops")
+        structure = f" of {loops[0]} x {loops[1]} loops" if method in LOOPED_METHODS and loops else ""
         parts.append(f"\n#### {method.upper()} {dataset} IPC {ipc}, {noise:.0%} {kind} noise ({grid}; budget "
-                     f"{budget}: {sel[0].get('iterations')} iterations of {loops[0]} x {loops[1]} loops, train "
+                     f"{budget}: {sel[0].get('iterations')} iterations{structure}, train "
                      f"{sel[0].get('train_size') or 'all'}; eval {eval_variant})\n")
         parts.append(markdown_table([h.format(b=baseline) for h in HEADERS], table))
+        parts.extend(_stage_costs(sel))
         if clean:
             lines = _recovery(stats, baseline, _by_seed(clean, "accuracy"))
             if lines:

@@ -113,3 +113,26 @@ def test_report_replaces_only_its_section():
     assert replace_section(doc, "evidence", "new table") == "intro\n<!-- evidence:begin -->\nnew table\n<!-- evidence:end -->\noutro\n"
     with pytest.raises(ValueError, match="exactly one"):
         replace_section("no markers", "evidence", "x")
+
+
+def test_report_header_and_stage_costs_follow_the_method():
+    """The header names outer x inner loops only for the methods that have them; runs whose IWD is a stage
+    before the loop (trajectory matching's two-pass scheme) get its cost stated under their table."""
+    from iwd_fast.app.report import render
+
+    def row(method, variant, seed, timing):
+        return {"grid": "g", "method": method, "dataset": "d", "ipc": 10, "noise": 0.3, "noise_kind": "symmetric",
+                "budget": "cpu", "variant": variant, "seed": seed, "accuracy": 0.7 + 0.01 * seed,
+                "init_accuracy": 0.6, "gain_over_init": 0.1 + 0.01 * seed, "init": "random", "init_flipped_share": 0.3,
+                "iterations": 40, "loops": [5, 10], "train_size": 100, "timing_seconds": timing}
+
+    two_pass = {"checkpoint scoring": 9.0, "warm-up scoring": 3.0, "experts": 40.0, "distilling": 600.0}
+    rows = [row("mtt", "unweighted", s, {"distilling": 590.0}) for s in (0, 1)] + \
+           [row("mtt", "iwd", s, {**two_pass, "checkpoint scoring": 9.0 + 2 * s}) for s in (0, 1)] + \
+           [row("dc", "unweighted", s, {"distilling": 50.0}) for s in (0, 1)]
+    text = render(rows)
+    mtt, dc = text.split("#### MTT")[1], text.split("#### DC")[1].split("#### MTT")[0]
+    assert "40 iterations, train" in mtt and "loops" not in mtt.split("\n")[0]
+    assert "40 iterations of 5 x 10 loops" in dc
+    assert "- iwd: IWD ran before the loop: scoring along expert checkpoints 10 ± 1 s" in mtt
+    assert "before the loop" not in dc
