@@ -24,7 +24,6 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..data.augment import dsa_augment
 from ..runtime import MethodStreams, Stream, mix_seed
 from ..weighting.dropin import select_initial
 from .base import build_net
@@ -131,9 +130,11 @@ class IDC(GradientMatching):
         return Preparation(pool=pool, test=ctx.test, init=init)
 
     def __init__(self, cfg, pool, syn, iwd, dsa_strategy, device, timer=None, prepared=None):
-        super().__init__(cfg, pool, syn, iwd, dsa_strategy, device, timer=timer)
+        # IDC augments with its own strategy (idc.aug), through the shared draw of Distiller._next_seed /
+        # _augment; the run's DSA strategy does not apply (IDC is not a USES_DSA method).
+        aug = None if cfg.idc.aug in ("", "none") else cfg.idc.aug
+        super().__init__(cfg, pool, syn, iwd, aug, device, timer=timer)
         self.spec = cfg.idc
-        self.aug = None if self.spec.aug in ("", "none") else self.spec.aug
         per_channel = pool.images.transpose(0, 1).reshape(pool.channels, -1)
         shape = (1, pool.channels, 1, 1)
         self.lo, self.hi = per_channel.min(1).values.view(shape), per_channel.max(1).values.view(shape)
@@ -176,13 +177,6 @@ class IDC(GradientMatching):
 
     def _distance(self, gw_syn, gw_real) -> torch.Tensor:
         return idc_distance(gw_syn, gw_real, self.spec.metric, self.spec.match_bias, self.spec.match_fc)
-
-    def _next_seed(self) -> Optional[int]:
-        """Seed of the next draw of IDC's augmentation (``idc.aug``, shared by a real and a synthetic batch)."""
-        return None if self.aug is None else int(torch.randint(0, 2 ** 31 - 1, (), generator=self.aug_gen))
-
-    def _augment(self, x: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
-        return x if seed is None else dsa_augment(x, self.aug, seed=seed)
 
     # --------------------------------------------------------------------------------------- the loop
     def step(self, it: int) -> Dict[str, float]:
