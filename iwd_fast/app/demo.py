@@ -1,7 +1,8 @@
 """``iwd-fast demo``: paired distillation runs with and without IWD on a label-noised dataset.
 
 For every seed, two runs share noise, split and evaluation networks: unweighted (random real images to
-start, uniform weights) and IWD (the package's default weighting and initialisation). The data is a
+start, uniform weights) and IWD (the recipe the measurements recommend under label noise,
+``presets.noisy_label_recipe``: for DC in-loop weights from weighted initial images). The data is a
 class-stratified Fashion-MNIST subset when its files are found (Debian's dataset-fashion-mnist, a
 ``--data-root`` folder or the cache), else scikit-learn's digits, which ships inside scikit-learn. The
 runs are the cells of a small benchmark suite (two at a time, one thread each), so a second call
@@ -17,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ..data import load_dataset
 from .bench import run_cells
 from .bench_spec import expand_cells
-from .presets import default_weighting, describe_preset
+from .presets import describe_preset, noisy_label_recipe
 from .report import markdown_table, paired
 
 __all__ = ["run_demo", "pick_dataset", "demo_spec"]
@@ -48,10 +49,11 @@ def demo_spec(dataset: str, method: str, seeds: Sequence[int], noise: float, pre
     config: Dict[str, Any] = {"train_size": train, "test_size": test}
     if data_root:
         config["data_root"] = data_root
+    weighting, init = noisy_label_recipe(method)
     return {"name": "demo", "preset": preset, "methods": [method], "datasets": [dataset], "ipc": [10],
             "seeds": list(seeds), "noise": [[noise, "symmetric"]], "config": config,
             "variants": {"unweighted": {"weighting": "none", "iwd": {"init": "random"}},
-                         "iwd": {"weighting": default_weighting(method), "iwd": {"init": "weighted"}}}}
+                         "iwd": {"weighting": weighting, "iwd": {"init": init}}}}
 
 
 def _row(r: Dict[str, Any]) -> Dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Tuple
 from ..distill import METHODS as _METHOD_CLASSES
 from ..distill.config import DistillConfig
 
-__all__ = ["default_weighting", "PRESETS", "FIELD_LOOPS", "METHODS", "preset_config", "list_presets", "describe_preset",
+__all__ = ["default_weighting", "noisy_label_recipe", "PRESETS", "FIELD_LOOPS", "METHODS", "preset_config", "list_presets", "describe_preset",
            "loops_for_ipc"]
 
 METHODS = tuple(_METHOD_CLASSES)
@@ -151,17 +151,29 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-# The weighting ``iwd-fast distill`` uses when none is given, per method (benchmarks/RESULTS.md section 1):
-# in-loop weights never cost DC/DSA significantly under noise and gained +2.1 pp at 40% (DC); no variant
-# helped DM, whose in-loop validation scoring costs about half of its loop. MTT, DATM and IDC (section 4, 30%
-# noise, 2 seeds): the two-pass scheme cost MTT 2.6 and DATM 3.1 points; IDC gained 2.8 (n.s.) with no
-# clean-label rows, so all three stay unweighted by default.
-DEFAULT_WEIGHTING: Dict[str, str] = {"dc": "iwd", "dsa": "iwd", "dm": "none"}
+# The weighting ``iwd-fast distill`` uses when none is given: "none" for every method (benchmarks/RESULTS.md).
+# At the cpu preset's 100 DC iterations (section 1c, 3 paired seeds) in-loop weights cost 2.5 points on clean
+# labels; DSA runs the same loop and was not measured apart. No variant helped DM (section 1); the two-pass
+# scheme cost MTT 2.6 and DATM 3.1 points under 30% noise (section 4). A method listed here would be weighted
+# by default.
+DEFAULT_WEIGHTING: Dict[str, str] = {}
+
+# What the measurements recommend under label noise, per method: (weighting, initialisation). DC at 40% noise
+# (sections 1 and 1c): weighted initial images with in-loop weights is the best row; IDC under 30% noise
+# gained 2.8 points with the same recipe (section 4). Methods not listed: unweighted, weighted initial images
+# (DM: in-loop weights changed nothing; MTT/DATM: weighted experts cost accuracy). ``iwd-fast demo`` runs it.
+NOISY_LABEL_RECIPE: Dict[str, Tuple[str, str]] = {"dc": ("iwd", "weighted"), "dsa": ("iwd", "weighted"),
+                                                  "idc": ("iwd", "weighted")}
 
 
 def default_weighting(method: str) -> str:
     """The measured default weighting of ``method`` ("none" for a method without a measured default)."""
     return DEFAULT_WEIGHTING.get(method, "none")
+
+
+def noisy_label_recipe(method: str) -> Tuple[str, str]:
+    """(weighting, init) the measurements recommend for ``method`` when labels are noisy."""
+    return NOISY_LABEL_RECIPE.get(method, ("none", "weighted"))
 
 
 def list_presets() -> List[str]:
