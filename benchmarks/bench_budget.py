@@ -23,29 +23,13 @@ from typing import Any, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import append_jsonl, environment, markdown_table, results_path  # noqa: E402
+from harness import append_jsonl, apply_overrides, environment, markdown_table, results_path  # noqa: E402
 
 from iwd_fast.app.distill_job import run_distillation  # noqa: E402
 from iwd_fast.app.presets import preset_config  # noqa: E402
 from iwd_fast.distill.config import DistillConfig  # noqa: E402
 
 RESULTS = "budget_scans"
-
-
-def apply_overrides(cfg: Dict[str, Any], overrides: List[str]) -> None:
-    """Set dotted ``KEY=VALUE`` overrides (JSON values, else strings) in a config dict; unknown keys refused."""
-    for item in overrides:
-        dotted, _, raw = item.partition("=")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node, keys = cfg, dotted.split(".")
-        for key in keys[:-1]:
-            node = node[key]
-        if keys[-1] not in node:
-            raise SystemExit(f"--set: unknown config key {dotted!r}")
-        node[keys[-1]] = value
 
 
 def scan(args) -> Dict[str, Any]:

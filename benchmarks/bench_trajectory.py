@@ -15,7 +15,6 @@ Writes JSON lines to benchmarks/results/trajectory_<dataset>.jsonl and prints a 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,21 +24,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import append_jsonl, environment, markdown_table, results_path  # noqa: E402
+from harness import append_jsonl, apply_overrides, environment, markdown_table, results_path  # noqa: E402
 
 from iwd_fast.app.distill_job import run_distillation  # noqa: E402
 from iwd_fast.app.presets import preset_config  # noqa: E402
 from iwd_fast.data import load_dataset  # noqa: E402
 from iwd_fast.distill.config import DistillConfig  # noqa: E402
-
-
-def _set(d: Dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    for k in keys[:-1]:
-        d = d[k]
-    if keys[-1] not in d:
-        raise SystemExit(f"--set: unknown config key {dotted!r}")
-    d[keys[-1]] = value
 
 
 def config_for(args, method: str, weighting: str, seed: int) -> DistillConfig:
@@ -48,13 +38,7 @@ def config_for(args, method: str, weighting: str, seed: int) -> DistillConfig:
     cfg["tm"]["buffer_dir"] = args.buffer_dir
     if weighting == "iwd":
         cfg["iwd"].update(influence=args.influence, init=args.init)
-    for item in args.set:
-        key, _, raw = item.partition("=")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        _set(cfg, key, value)
+    apply_overrides(cfg, args.set)
     return DistillConfig.from_dict(cfg)
 
 

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -312,6 +312,22 @@ def tensor_bytes(*objs) -> int:
 
 
 # ------------------------------------------------------------------------------------------ output
+
+def apply_overrides(cfg: Dict[str, Any], overrides: Sequence[str]) -> None:
+    """Set dotted ``KEY=VALUE`` overrides (JSON values, else strings) in a config dict; unknown keys refused."""
+    for item in overrides:
+        dotted, _, raw = item.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node, keys = cfg, dotted.split(".")
+        for key in keys[:-1]:
+            node = node[key]
+        if keys[-1] not in node:
+            raise SystemExit(f"--set: unknown config key {dotted!r}")
+        node[keys[-1]] = value
+
 
 def results_path(name: str) -> Path:
     return RESULTS_DIR / f"{name}.jsonl"
