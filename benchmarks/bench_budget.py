@@ -53,10 +53,10 @@ def scan(args) -> Dict[str, Any]:
 def table(rows: List[Dict[str, Any]]) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
-    body = [[r["method"], r["dataset"], r["tag"], ", ".join(r["overrides"]) or "-", r["num_nets"],
+    body = [[r["method"], r["dataset"], r["tag"], r["seed"], ", ".join(r["overrides"]) or "-", r["num_nets"],
              pct(r["init_accuracy"]), pct(r["accuracy"]), f"{100 * r['gain_over_init']:+.1f}",
              pct(r.get("accuracy_learned_lr")), f"{r['wall_seconds']:.0f}", r["env"]["git_sha"][:7]] for r in rows]
-    return markdown_table(["method", "dataset", "scan", "overrides of the preset", "eval nets", "initial images %",
+    return markdown_table(["method", "dataset", "scan", "seed", "overrides of the preset", "eval nets", "initial images %",
                            "distilled %", "gain (pp)", "with learned lr %", "seconds", "git"], body)
 
 

@@ -34,3 +34,15 @@ def test_quick_round_of_the_cpu_benchmarks(tmp_path):
     timed = {r["path"]: r for r in rows if r.get("kind") not in ("target",) and r.get("median_ms") is not None}
     assert timed["plain fwd+bwd"]["ratio_vs_plain"] == 1.0
     assert timed["capture+torch"]["ratio_vs_plain"] > 0 and timed["capture+torch"]["status"] == "ok"
+
+
+def test_quick_round_of_the_scoring_cost_benchmark(tmp_path):
+    """bench_scoring_cost.py refuses a scored-step count that disagrees with the loop's own scoring calls,
+    so a run to the end means its per-step overhead divides by the steps the loop really scored."""
+    out = tmp_path / "cost.jsonl"
+    run = subprocess.run([sys.executable, "benchmarks/bench_scoring_cost.py", "--quick", "--threads", "1",
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"dc", "dsa", "idc", "dm"}
+    assert all(len(r["overhead_ms_per_step"]) == 1 and r["floor"]["heldout_ms"] > 0 for r in rows.values())
