@@ -54,17 +54,13 @@ def scored_steps(cfg) -> int:
     return cfg.iterations * per_iteration[cfg.method]
 
 
-def loop_seconds(summary) -> float:
-    return sum(summary["timing_seconds"].get(k, 0.0) for k in LOOP_PHASES)
-
-
-def run_pair(cfg, splits, classes: int, rounds: int) -> Dict[str, List[float]]:
-    """Loop seconds of the unweighted and the refresh-1 run, ``rounds`` times each after a warm-up round,
-    alternating order."""
+def run_pair(cfg, splits, classes: int, rounds: int) -> Dict[str, List[Dict[str, float]]]:
+    """The phase seconds of the unweighted and the refresh-1 run (evaluation off), ``rounds`` times each
+    after a warm-up round, alternating order."""
     variants = {"unweighted": cfg.replace(weighting="none"),
                 "refresh 1": cfg.replace(weighting="iwd", iwd=dataclasses.replace(cfg.iwd, refresh=1, init="random",
                                                                                        influence="validation"))}
-    out: Dict[str, List[float]] = {k: [] for k in variants}
+    out: Dict[str, List[Dict[str, float]]] = {k: [] for k in variants}
     order = list(variants.items())
     for r in range(rounds + 1):  # round 0 warms up (first calls, allocator) and is not kept
         for name, c in (order if r % 2 == 0 else order[::-1]):
@@ -72,8 +68,23 @@ def run_pair(cfg, splits, classes: int, rounds: int) -> Dict[str, List[float]]:
             if name == "refresh 1":
                 _check_scored_steps(c, s, classes)
             if r:
-                out[name].append(loop_seconds(s))
+                out[name].append(dict(s["timing_seconds"]))
     return out
+
+
+def loop_seconds(timing: Dict[str, float]) -> float:
+    return sum(timing.get(k, 0.0) for k in LOOP_PHASES)
+
+
+def breakdown_ms(unweighted: Dict[str, float], scored: Dict[str, float], steps: int) -> Dict[str, float]:
+    """Where one scored step's overhead goes (ms): the captured real side beyond the plain one (one backward
+    of the per-sample losses giving the weighted gradient and the streamed dots), the "scoring" phase (the
+    held-out direction, folding the scores in), and the rest of the loop."""
+    captured = scored.get(SCORED_REAL_SIDE, 0.0) - unweighted.get(PLAIN_REAL_SIDE, 0.0)
+    scoring = scored.get("scoring", 0.0)
+    rest = loop_seconds(scored) - loop_seconds(unweighted) - captured - scoring
+    return {"captured_real_side_ms": 1e3 * captured / steps, "scoring_phase_ms": 1e3 * scoring / steps,
+            "rest_ms": 1e3 * rest / steps}
 
 
 def _check_scored_steps(cfg, summary, classes: int) -> None:
@@ -118,13 +129,17 @@ def measure(method: str, args) -> Dict[str, object]:
     loops = run_pair(cfg, splits, classes, args.rounds)
     floor = floor_ms(cfg, splits, classes, args.floor_repeats)
     steps = scored_steps(cfg)
-    per_step = [1e3 * (w - u) / steps for w, u in zip(loops["refresh 1"], loops["unweighted"])]
+    pairs = list(zip(loops["unweighted"], loops["refresh 1"]))
+    per_step = [1e3 * (loop_seconds(w) - loop_seconds(u)) / steps for u, w in pairs]
     ratios = [p / floor["median_ms"] for p in per_step]
-    shares = [(w - u) / u for w, u in zip(loops["refresh 1"], loops["unweighted"])]
+    shares = [(loop_seconds(w) - loop_seconds(u)) / loop_seconds(u) for u, w in pairs]
+    parts = [breakdown_ms(u, w, steps) for u, w in pairs]
+    breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
     return {"method": method, "dataset": args.dataset, "preset": args.preset, "ipc": args.ipc,
             "iterations": cfg.iterations, "scored_steps": steps, "batch_real": cfg.batch_real,
             "heldout_batch": cfg.iwd.heldout_batch, "net": dataclasses.asdict(cfg.net),
-            "loop_seconds": loops, "overhead_ms_per_step": per_step, "floor": floor,
+            "phase_seconds": loops, "overhead_ms_per_step": per_step, "floor": floor,
+            "overhead_breakdown_ms_per_step": breakdown,
             "ratio_min": min(ratios), "ratio_median": statistics.median(ratios),
             "share_min": min(shares), "share_median": statistics.median(shares), "rounds": args.rounds,
             "threads": args.threads}
@@ -133,10 +148,12 @@ def measure(method: str, args) -> Dict[str, object]:
 def table(rows: List[Dict[str, object]]) -> str:
     body = [[r["method"], r["dataset"], r["scored_steps"], f"{statistics.median(r['overhead_ms_per_step']):.1f}",
              f"{r['floor']['median_ms']:.1f} ({r['floor']['forward_real_ms']:.1f} + {r['floor']['heldout_ms']:.1f})",
+             "{captured_real_side_ms:.1f} / {scoring_phase_ms:.1f} / {rest_ms:.1f}".format(**r["overhead_breakdown_ms_per_step"]),
              f"{r['ratio_min']:.2f} / {r['ratio_median']:.2f}", f"{100 * r['share_min']:.0f} / {100 * r['share_median']:.0f}",
              r["rounds"]] for r in rows]
     return markdown_table(["method", "dataset", "scored steps", "overhead ms / step (median)",
-                           "floor ms (real forward + held-out fwd+bwd)", "overhead / floor (min / median)",
+                           "floor ms (real forward + held-out fwd+bwd)",
+                           "overhead ms: captured real side / scoring phase / rest", "overhead / floor (min / median)",
                            "overhead % of unweighted loop (min / median)", "rounds"], body)
 
 
