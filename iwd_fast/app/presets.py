@@ -157,7 +157,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 # The weighting ``iwd-fast distill`` uses when none is given: "none" for every method (benchmarks/RESULTS.md).
-# At the cpu preset's 100 DC iterations (section 1c, 3 paired seeds) in-loop weights cost 2.4 points (paired) on clean
+# At the cpu preset's 100 DC iterations (section 1c, 5 paired seeds) in-loop weights cost 2.2 points (paired) on clean
 # labels; DSA runs the same loop and was not measured apart. No variant helped DM (section 1); the two-pass
 # scheme cost MTT 2.6 and DATM 3.1 points under 30% noise (section 4). A method listed here would be weighted
 # by default.

@@ -61,6 +61,11 @@ def _fmt_pp(x: Optional[float], signed: bool = False) -> str:
     return "-" if x is None else (f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}")
 
 
+def _fmt_p(p: float) -> str:
+    """A p-value to three significant digits ("p=0.0499", never a rounded "p=0.050"); "p<0.001" below that."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3g}"
+
+
 def _mean_std(values: Sequence[Optional[float]], pct: bool = True, digits: int = 1) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -94,7 +99,7 @@ def _table_rows(rows, baseline: str, clean: Optional[List[Dict[str, Any]]]) -> T
         share = _mean_std([r.get("flipped_share") for r in vr], pct=False, digits=2)
         diff_txt = "-" if diff is None or diff["mean"] is None else (
             f"{_fmt_pp(diff['mean'], True)} [{_fmt_pp(diff['ci_low'], True)}, {_fmt_pp(diff['ci_high'], True)}]"
-            + (f", p={diff['p']:.3f}" if diff["p"] is not None else ""))
+            + (f", {_fmt_p(diff['p'])}" if diff["p"] is not None else ""))
         out.append([name, _mean_std([r["accuracy"] for r in vr]), _mean_std(gain), diff_txt,
                     f"{flipped} (share {share})" if flipped != "-" else "-",
                     _mean_std([r.get("init_flipped_share") for r in vr], pct=False, digits=2),
@@ -144,7 +149,7 @@ def _recovery(stats: Dict, baseline: str, clean_acc: Dict[int, float]) -> List[s
         share = f"{won.mean() / cost.mean():.0%}" if cost.mean() > 0 else "n/a: the noise cost nothing here"
         lines.append(f"- {name}: wins back {100 * won.mean():+.1f} of a {100 * cost.mean():.1f}-point noise cost "
                      f"({share}); at least half: {'yes' if p < 0.05 else 'not shown'} "
-                     f"(one-sided paired t-test p={p:.3f}, {len(seeds)} seeds)")
+                     f"(one-sided paired t-test {_fmt_p(p)}, {len(seeds)} seeds)")
     return lines
 
 
