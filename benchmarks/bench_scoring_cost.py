@@ -20,6 +20,7 @@ median floor), with the loop overhead as a share of the unweighted loop beside i
     python benchmarks/bench_scoring_cost.py --threads 1                      # dc dsa idc dm, Fashion-MNIST
     python benchmarks/bench_scoring_cost.py --methods dc --rounds 5
     python benchmarks/bench_scoring_cost.py --quick                          # seconds: digits, smoke preset
+    python benchmarks/bench_scoring_cost.py --table                          # the table of the stored rows
 
 Rows: benchmarks/results/scoring_cost.jsonl (``--out``); a markdown table on stdout.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -170,7 +172,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="digits, smoke preset, 1 round (a smoke run)")
     p.add_argument("--out", default=None, help="JSONL to append to (default benchmarks/results/scoring_cost.jsonl)")
+    p.add_argument("--table", action="store_true", help="print the table of the stored rows (--out) and exit")
     args = p.parse_args(argv)
+    if args.table:
+        path = Path(args.out or results_path("scoring_cost"))
+        print(table([json.loads(line) for line in path.read_text().splitlines() if line.strip()]))
+        return 0
     if args.quick:
         args.dataset, args.preset, args.rounds, args.floor_repeats = "digits", "smoke", 1, 2
     torch.set_num_threads(args.threads)
