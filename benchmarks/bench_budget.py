@@ -37,6 +37,7 @@ def scan(args) -> Dict[str, Any]:
     cfg.update(seed=args.seed)
     apply_overrides(cfg, args.set)
     config = DistillConfig.from_dict(cfg)
+    env = environment(torch.device("cpu"))  # before the run: the commit that runs it, not one made meanwhile
     started = time.perf_counter()
     s = run_distillation(config, out_dir=str(Path(args.out) / args.tag), progress=False)
     row = {"tag": args.tag, "preset": args.preset, "method": args.method, "dataset": args.dataset, "ipc": args.ipc,
@@ -47,7 +48,7 @@ def scan(args) -> Dict[str, Any]:
     if "accuracy_learned_lr" in s:  # MTT/DATM with tm.eval_learned_lr: the reference's evaluation
         row["accuracy_learned_lr"] = s["accuracy_learned_lr"]["mean"]
         row["learned_syn_lr"] = s["method"]["learned_syn_lr"]
-    return {**row, "config": config.to_dict(), "env": environment(torch.device("cpu"))}
+    return {**row, "config": config.to_dict(), "env": env}
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
