@@ -13,7 +13,6 @@ multi-seed claims come from ``iwd-fast bench``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import append_jsonl, apply_overrides, environment, markdown_table, results_path  # noqa: E402
+from harness import append_jsonl, apply_overrides, environment, markdown_table, read_jsonl, results_path  # noqa: E402
 
 from iwd_fast.app.distill_job import run_distillation  # noqa: E402
 from iwd_fast.app.presets import preset_config  # noqa: E402
@@ -76,7 +75,7 @@ def main() -> None:
     args = p.parse_args()
     path = results_path(RESULTS)
     if args.table:
-        print(table([json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]))
+        print(table(read_jsonl(path)))
         return
     if not args.method or not args.tag:
         p.error("a method and --tag are required (or --table)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import append_jsonl, environment, markdown_table, results_path  # noqa: E402
+from harness import append_jsonl, environment, markdown_table, read_jsonl, results_path  # noqa: E402
 
 from iwd_fast.distill.config import DistillConfig, EvalSpec, NetSpec  # noqa: E402
 from iwd_fast.data import DatasetSplits, load_dataset, stratified_subset  # noqa: E402
@@ -89,7 +88,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON lines file (default benchmarks/results/iwd_<method>.jsonl)")
     args = p.parse_args()
     if args.summarize:
-        records = [json.loads(line) for line in Path(args.summarize).read_text().splitlines() if line.strip()]
+        records = read_jsonl(args.summarize)
         args.method, args.dataset, args.noise = records[0]["method"], records[0]["dataset"], records[0]["noise"]
         args.ipc, args.seeds = records[0]["ipc"], sorted({r["seed"] for r in records})
         args.variants = list(dict.fromkeys(r["variant"] for r in records))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -38,14 +37,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import append_jsonl, environment, markdown_table, results_path, time_interleaved  # noqa: E402
+from harness import append_jsonl, environment, markdown_table, read_jsonl, results_path, time_interleaved  # noqa: E402
 
-from iwd_fast.app.distill_job import load_splits, run_distillation  # noqa: E402
+from iwd_fast.app.distill_job import LOOP_PHASES, load_splits, run_distillation  # noqa: E402
 from iwd_fast.app.presets import preset_config  # noqa: E402
 from iwd_fast.distill.base import PLAIN_REAL_SIDE, SCORED_REAL_SIDE  # noqa: E402
 from iwd_fast.evaluate import build_eval_network  # noqa: E402
 
-LOOP_PHASES = ("distilling", "scoring", PLAIN_REAL_SIDE, SCORED_REAL_SIDE)
 DEFAULT_ITERATIONS = {"dc": 4, "dsa": 4, "idc": 2, "dm": 20}
 
 
@@ -175,8 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--table", action="store_true", help="print the table of the stored rows (--out) and exit")
     args = p.parse_args(argv)
     if args.table:
-        path = Path(args.out or results_path("scoring_cost"))
-        print(table([json.loads(line) for line in path.read_text().splitlines() if line.strip()]))
+        print(table(read_jsonl(args.out or results_path("scoring_cost"))))
         return 0
     if args.quick:
         args.dataset, args.preset, args.rounds, args.floor_repeats = "digits", "smoke", 1, 2

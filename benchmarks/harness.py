@@ -345,6 +345,11 @@ def append_jsonl(path: os.PathLike, records: Iterable[Mapping[str, object]]) -> 
     return n
 
 
+def read_jsonl(path: os.PathLike) -> List[Dict[str, object]]:
+    """The JSON objects of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub markdown table; numbers are printed as given (format them before)."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]

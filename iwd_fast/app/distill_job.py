@@ -23,7 +23,7 @@ from ..distill.stages import RunContext
 from ..runtime import PhaseTimer, Stream, mix_seed, resolve_device
 from .run_folder import RunFolder
 
-__all__ = ["run_distillation", "load_splits", "scoring_overhead", "dsa_strategy_of", "evaluate_images"]
+__all__ = ["run_distillation", "load_splits", "scoring_overhead", "dsa_strategy_of", "evaluate_images", "LOOP_PHASES"]
 
 CHECKPOINT_EVERY = 50  # iterations
 SUBSET_SEED = 0        # the stratified train/test subsets are the same for every run seed
@@ -42,6 +42,11 @@ def subset_splits(splits: DatasetSplits, cfg: DistillConfig) -> DatasetSplits:
     if cfg.test_size and cfg.test_size < len(test):
         test = stratified_subset(test, cfg.test_size, seed=SUBSET_SEED)
     return DatasetSplits(train=train, test=test)
+
+
+# The timer phases whose seconds make up the loop (one iteration's time): the rest of a step, its scoring, and
+# its real side, plain or captured for scoring (evaluation is outside the loop).
+LOOP_PHASES = ("distilling", "scoring", PLAIN_REAL_SIDE, SCORED_REAL_SIDE)
 
 
 def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None, out_dir: Optional[str] = None,
@@ -149,7 +154,7 @@ def scoring_overhead(timer: PhaseTimer) -> Dict[str, Optional[float]]:
     scoring phases, i.e. the iteration time).
     """
     sec, calls = timer.seconds, timer.calls
-    loop = sum(sec.get(k, 0.0) for k in ("distilling", "scoring", PLAIN_REAL_SIDE, SCORED_REAL_SIDE))
+    loop = sum(sec.get(k, 0.0) for k in LOOP_PHASES)
     scored_n, plain_n = calls.get(SCORED_REAL_SIDE, 0), calls.get(PLAIN_REAL_SIDE, 0)
     extra = 0.0
     if scored_n:

@@ -52,6 +52,9 @@ _DATM_PAPER_BY_IPC = {
     50: {"lr_img": 1000, "tm": {"syn_steps": 80, "expert_epochs": 2, "max_start_epoch": 40, "lr_lr": 1e-5,
                                 "datm_initial_max_start": 20, "datm_expansion_end": 2000, "datm_lr_labels": 2.0}},
 }
+# The reduced CPU evaluation every CPU budget shares: 5 networks x 300 epochs, batch 256, no DSA (DSA and DM
+# switch DSA on).
+_CPU_EVAL = {"num_nets": 5, "epochs": 300, "batch_size": 256, "dsa": False}
 # Reduced CPU budgets for trajectory matching and IDC (docs/TRAJECTORY.md, Fashion-MNIST IPC 10). MTT without DSA
 # (students and experts; with DSA it gained +1.5 pp at most), lr_img 300 (100: +3.8, 1000: +2.6 at 400 iterations on
 # a 3,000-image subset), on the 10,000-image subset the DC/DSA/DM presets use and 20 unrolled student steps
@@ -62,14 +65,13 @@ _DATM_PAPER_BY_IPC = {
 # [0, 1] pixels, here divided by Fashion-MNIST's std^2: 0.04; 1e-3 gained +1.0, 0.04 +8.9).
 _TM_CPU_EXPERTS = {"num_experts": 5, "train_epochs": 15, "expert_lr": 0.01, "expert_epochs": 2, "max_start_epoch": 10,
                    "lr_lr": 1e-5, "score_experts": 1}
-_TM_CPU_EVAL = {"num_nets": 5, "epochs": 300, "dsa": False, "batch_size": 256}
 _TM_CPU = {"iterations": 400, "lr_img": 300.0, "momentum_img": 0.5, "train_size": 10000, "dsa_strategy": "none",
-           "eval": dict(_TM_CPU_EVAL), "tm": {**_TM_CPU_EXPERTS, "syn_steps": 20, "expert_dsa": False}}
+           "eval": dict(_CPU_EVAL), "tm": {**_TM_CPU_EXPERTS, "syn_steps": 20, "expert_dsa": False}}
 _DATM_CPU = {"iterations": 400, "lr_img": 100.0, "momentum_img": 0.5, "train_size": 3000, "dsa_strategy": "auto",
-             "eval": dict(_TM_CPU_EVAL), "tm": {**_TM_CPU_EXPERTS, "syn_steps": 10, "expert_dsa": True,
+             "eval": dict(_CPU_EVAL), "tm": {**_TM_CPU_EXPERTS, "syn_steps": 10, "expert_dsa": True,
                                                 "datm_initial_max_start": 5, "datm_expansion_end": 100}}
 _IDC_CPU = {"iterations": 20, "lr_img": 0.04, "momentum_img": 0.5, "batch_real": 64, "train_size": 3000,
-            "eval": {"num_nets": 5, "epochs": 300, "dsa": False, "batch_size": 256},
+            "eval": dict(_CPU_EVAL),
             "idc": {"factor": 2, "inner_loop": 20, "net_images": 256, "metric": "l1"}}
 _TM_SMOKE = {"num_experts": 2, "train_epochs": 3, "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2,
              "expert_batch": 256, "score_experts": 1}
@@ -89,7 +91,7 @@ _REDUCED_CPU = {
     "loops": {1: (1, 1), 10: (5, 10), 50: (5, 2)},
     "all": {"iterations": 20, "lr_img": 0.3, "lr_net": 0.01, "momentum_img": 0.5, "batch_real": 64,
             "batch_train_net": 256, "net": {"name": "convnet", "width": 16, "depth": 3, "norm": "instancenorm"},
-            "eval": {"num_nets": 5, "epochs": 300, "batch_size": 256, "dsa": False}, "iwd": {"warmup_steps": 50}},
+            "eval": dict(_CPU_EVAL), "iwd": {"warmup_steps": 50}},
     "dsa": {"eval": {"dsa": True}},
     "dm": {"iterations": 150, "lr_img": 10.0, "eval": {"dsa": True}},
 }
