@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from tqdm.auto import tqdm
 
+from ..distill.config import init_mode
 from .bench_spec import Cell, expand_cells, load_spec, spec_digest
 
 __all__ = ["run_bench", "run_cells", "collect", "parse_shard", "cell_row"]
@@ -135,7 +136,9 @@ def cell_row(cell: Cell, folder: Path) -> Optional[Dict[str, Any]]:
            "warmup_auroc_flipped": s.get("warmup_auroc_flipped"), "weight_max": s.get("weight_max"),
            "scoring_share_of_loop": s.get("scoring_share_of_loop"), "scoring_seconds": s.get("scoring_seconds"),
            "timing_seconds": s.get("timing_seconds"), "timing_calls": s.get("timing_calls"),
-           "weighting": cell.config.weighting, "init_mode": cell.config.iwd.init,
+           "noise_estimate": s.get("noise_estimate"), "pool_size": s.get("pool_size"),
+           "pool_cleaning": cell.config.iwd.pool_cleaning,
+           "weighting": cell.config.weighting, "init_mode": init_mode(cell.config),
            "influence": cell.config.iwd.influence, "budget": cell.config.preset,
            "iterations": cell.config.iterations, "loops": [cell.config.outer_loop, cell.config.inner_loop],
            "train_size": cell.config.train_size, "test_size": cell.config.test_size}

@@ -16,8 +16,9 @@ from ..data import DatasetSplits, load_dataset, stratified_subset
 from ..data.augment import default_strategy
 from ..distill import METHODS, IWDState, SyntheticSet
 from ..distill.base import PLAIN_REAL_SIDE, SCORED_REAL_SIDE
-from ..distill.config import DistillConfig, validate
-from ..distill.pool import initial_indices, prepare_pool, warmup_weights
+from ..distill.config import DistillConfig, needs_warmup, validate
+from ..distill.pool import initial_indices, prepare_pool
+from ..distill.warmup import clean_pool, warmup_weights
 from ..evaluate import evaluate_synthetic
 from ..distill.stages import RunContext
 from ..runtime import PhaseTimer, Stream, mix_seed, resolve_device
@@ -73,9 +74,8 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
     pool = prepare_pool(cfg, splits, device)  # refuses non-finite pixels, by index, before anything is written
     run = _open_run(out_dir, cfg)
     dsa_strategy = dsa_strategy_of(cfg)
-    warmup = None
-    if cfg.weighting == "static" or cfg.iwd.init != "random":
-        warmup = warmup_weights(cfg, pool, device, timer)
+    warmup = warmup_weights(cfg, pool, device, timer) if needs_warmup(cfg) else None
+    pool = clean_pool(cfg, pool, warmup)  # the pool-cleaning baselines (unchanged without one)
     iwd = IWDState.from_config(cfg, pool, timer, warmup)
     method_cls, prepared, test = METHODS[cfg.method], None, splits.test
     if hasattr(method_cls, "prepare"):  # optional stage hook (iwd_fast.distill.stages), cached by the method
@@ -171,6 +171,10 @@ def _summary(cfg, init, pool, warmup, iwd, timer) -> Dict[str, Any]:
                                "flipped_share": float(pool.flipped.double().mean())}
     if warmup is not None and warmup.auroc_flipped is not None:
         summary["warmup_auroc_flipped"] = warmup.auroc_flipped
+    if warmup is not None and warmup.noise is not None:
+        summary["noise_estimate"] = warmup.noise.summary()
+    if cfg.iwd.pool_cleaning != "none":
+        summary["pool_size"] = int(pool.labels.shape[0])
     if iwd is not None:
         summary.update(iwd.report(pool.flipped))
     return summary

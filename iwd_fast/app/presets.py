@@ -153,7 +153,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "loops": {1: (1, 1)},
         "all": {"iterations": 2, "batch_real": 16, "batch_train_net": 16, "eval_every": 0,
                 "net": {"name": "convnet", "width": 8, "depth": 3, "norm": "instancenorm"},
-                "eval": {"num_nets": 1, "epochs": 2, "batch_size": 64}, "iwd": {"warmup_steps": 2}},
+                "eval": {"num_nets": 1, "epochs": 2, "batch_size": 64}, "iwd": {"warmup_steps": 2, "crossfit_steps": 4}},
         "dm": {"lr_img": 1.0},
         "mtt": {"lr_img": 100.0, "tm": dict(_TM_SMOKE)},
         "datm": {"lr_img": 100.0, "tm": {**_TM_SMOKE, "datm_initial_max_start": 1, "datm_expansion_end": 2}},

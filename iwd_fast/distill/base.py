@@ -26,7 +26,9 @@ class RealPool:
     """The real training instances a distiller draws from (the held-out split removed).
 
     images [n, C, H, W] on the run's device; labels int64 [n] (possibly noisy); flipped bool [n]
-    (True where noise changed the label); heldout_* the stratified held-out split (validation target).
+    (True where noise changed the label); heldout_* the stratified held-out split (validation target);
+    clean_labels int64 [n] the labels before noise (None where unknown): the truth ``flipped`` is kept
+    against when a baseline relabels the pool.
     """
 
     images: torch.Tensor
@@ -36,6 +38,7 @@ class RealPool:
     heldout_images: torch.Tensor
     heldout_labels: torch.Tensor
     source_indices: torch.Tensor  # [n] index of each pool instance in the training set
+    clean_labels: Optional[torch.Tensor] = None
 
     @property
     def channels(self) -> int:
@@ -81,7 +84,8 @@ class Distiller:
         self.device = device
         self.opt_img = torch.optim.SGD(syn.parameters(), lr=cfg.lr_img, momentum=cfg.momentum_img)
         self.sampler = IndexedClassSampler(pool.labels.cpu(), pool.num_classes,
-                                           seed=mix_seed(cfg.seed, self.STREAMS.sampler))
+                                           seed=mix_seed(cfg.seed, self.STREAMS.sampler),
+                                           support=iwd.support if iwd is not None else None)
         self.aug_gen = torch.Generator().manual_seed(mix_seed(cfg.seed, self.STREAMS.augment))
 
     def state_dict(self) -> Dict:

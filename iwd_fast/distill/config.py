@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 from ..evaluate import EvalSpec
 from ..networks import NetSpec
+from ..weighting.weighter import WEIGHTER_DEFAULTS
 
 __all__ = ["NetSpec", "EvalSpec", "IWDSpec", "TrajectorySpec", "IDCSpec", "DistillConfig"]
 
@@ -17,28 +18,42 @@ class IWDSpec:
     """Influence weighting (METHOD.md sections 2 and 4).
 
     ``DistillConfig.weighting`` says where weights come from: "none" (uniform), "iwd" (scores of the
-    ``influence`` target refreshed inside the loop) or "static" (the warm-up network's scores of the
-    whole pool, held fixed). ``init`` picks the real images that start the synthetic set, for every
-    ``weighting``: "random", "weighted" (the highest warm-up weights of each class) or "proportional"
-    (drawn in proportion to them). The defaults and the measurements behind them are in
-    benchmarks/RESULTS.md.
+    ``influence`` target refreshed inside the loop), "static" (the warm-up network's scores of the
+    whole pool, held fixed) or "auto" (METHOD.md 4b: out-of-sample predictions of cross-fitted warm-up
+    networks estimate each class's noise rate; the estimated share of suspects gets weight 0, the rest
+    weight 1, so a class judged clean keeps uniform weights; ``auto_refresh`` adds in-loop scores of the
+    ``influence`` target on top). ``init`` picks the real images that start the synthetic set: "auto"
+    ("trusted" for weighting "auto", "random" otherwise), "random", "trusted" (uniform among the
+    instances with positive warm-up weight), "weighted" (the highest warm-up weights of each class) or
+    "proportional" (drawn in proportion to them). ``pool_cleaning`` runs a baseline before distilling:
+    "prune" drops the ``prune_fraction`` of each class with the lowest warm-up weight, "relabel" gives the
+    suspects of the cross-fitted estimate the class it is confident of. The defaults and the
+    measurements behind them are in benchmarks/RESULTS.md; the weighter's defaults are
+    ``iwd_fast.weighting.WEIGHTER_DEFAULTS`` (one set for the class, the loops and the README).
     """
 
     influence: str = "validation"   # in-loop target: explicit | implicit | validation | self
     sign: str = "auto"              # auto | informative | consistent (distillation targets only)
-    temperature: float = 1.0
-    transform: str = "rank"         # rank (bounded: normal quantile of the rank) | zscore (unbounded)
-    ema: float = 0.8
-    floor: float = 0.0
-    standardize: bool = True        # z-score each refresh's scores per class before the EMA
+    temperature: float = WEIGHTER_DEFAULTS["temperature"]
+    transform: str = WEIGHTER_DEFAULTS["transform"]      # rank (bounded) | zscore (unbounded)
+    ema: float = WEIGHTER_DEFAULTS["ema"]
+    floor: float = WEIGHTER_DEFAULTS["floor"]
+    standardize: bool = WEIGHTER_DEFAULTS["standardize"]  # z-score each refresh's scores per class before the EMA
     refresh: int = 3                # rescore every `refresh` outer steps (DC/DSA) or iterations (DM)
     heldout_fraction: float = 0.1   # validation target: stratified split held out of the training set
     heldout_batch: int = 256        # validation target: held-out instances per refresh (drawn at random)
     heldout_keep: float = 0.7       # validation target: the lowest-loss share of that batch defines the direction
     heldout_clean: bool = False     # simulate a trusted held-out set (its clean labels; for benchmarks)
     warmup_steps: int = 50          # SGD steps of the warm-up network on the pool
-    warmup_influence: str = "self"  # its score, which picks initial images and gives static weights: self | validation
-    init: str = "random"            # random | weighted | proportional (measured: weighted wins under heavy noise only)
+    warmup_influence: str = "self"  # warm-up score (initial images, static weights, pruning): self | validation |
+                                    # crossfit (out-of-sample margin; always the score of weighting "auto")
+    crossfit_folds: int = 2         # cross-fitted warm-up: folds (each predicted by a network trained on the others)
+    crossfit_steps: int = 600       # ... SGD steps of each fold's network (batch 256, lr crossfit_lr, momentum 0.9)
+    crossfit_lr: float = 0.01
+    auto_refresh: bool = False      # weighting "auto": also rescore in the loop (target ``influence``) on top
+    init: str = "auto"              # auto | random | trusted | weighted | proportional
+    pool_cleaning: str = "none"     # none | prune | relabel (the baselines users try instead of weighting)
+    prune_fraction: float = 0.3     # pool_cleaning "prune": share of each class dropped
 
 
 @dataclass
@@ -161,9 +176,29 @@ class DistillConfig:
         return dataclasses.replace(self, **changes)
 
 
-WEIGHTINGS = ("none", "iwd", "static")
-INIT_MODES = ("random", "weighted", "proportional")
-WARMUP_INFLUENCES = ("self", "validation")
+WEIGHTINGS = ("none", "iwd", "static", "auto")
+INIT_MODES = ("auto", "random", "trusted", "weighted", "proportional")
+WARMUP_INFLUENCES = ("self", "validation", "crossfit")
+POOL_CLEANINGS = ("none", "prune", "relabel")
+
+
+def init_mode(cfg: "DistillConfig") -> str:
+    """The initialisation a run uses: ``iwd.init`` with "auto" resolved ("trusted" for weighting "auto")."""
+    if cfg.iwd.init != "auto":
+        return cfg.iwd.init
+    return "trusted" if cfg.weighting == "auto" else "random"
+
+
+def warmup_target(cfg: "DistillConfig") -> str:
+    """The warm-up's score: "crossfit" for weighting "auto" and relabelling, else ``iwd.warmup_influence``."""
+    if cfg.weighting == "auto" or cfg.iwd.pool_cleaning == "relabel":
+        return "crossfit"
+    return cfg.iwd.warmup_influence
+
+
+def needs_warmup(cfg: "DistillConfig") -> bool:
+    """Whether the run scores its pool with a warm-up network before distilling."""
+    return cfg.weighting in ("static", "auto") or init_mode(cfg) != "random" or cfg.iwd.pool_cleaning != "none"
 NOISE_KINDS = ("symmetric", "pairflip")
 
 
@@ -201,7 +236,17 @@ def validate(cfg: DistillConfig) -> None:
     need(0.0 <= spec.heldout_fraction < 1.0, f"iwd.heldout_fraction must lie in [0, 1), got {spec.heldout_fraction}")
     need(0.0 < spec.heldout_keep <= 1.0, f"iwd.heldout_keep must lie in (0, 1], got {spec.heldout_keep}")
     need(spec.heldout_batch >= 1 and spec.warmup_steps >= 1, "iwd.heldout_batch and iwd.warmup_steps must be >= 1")
-    uses_heldout = (cfg.weighting == "iwd" and spec.influence == "validation") or \
-        ((cfg.weighting == "static" or spec.init != "random") and spec.warmup_influence == "validation")
+    need(spec.pool_cleaning in POOL_CLEANINGS, f"iwd.pool_cleaning must be one of {POOL_CLEANINGS}, "
+                                               f"got {spec.pool_cleaning!r}")
+    need(spec.pool_cleaning == "none" or (cfg.weighting == "none" and init_mode(cfg) == "random"),
+         f"iwd.pool_cleaning={spec.pool_cleaning!r} is a baseline that distils the cleaned pool unweighted from random "
+         f"initial images: it needs weighting 'none' and init 'random' (got {cfg.weighting!r}, {spec.init!r})")
+    need(0.0 < spec.prune_fraction < 1.0, f"iwd.prune_fraction must lie in (0, 1), got {spec.prune_fraction}")
+    need(spec.crossfit_folds >= 2 and spec.crossfit_steps >= 1 and spec.crossfit_lr > 0,
+         f"need iwd.crossfit_folds >= 2, crossfit_steps >= 1, crossfit_lr > 0; got {spec.crossfit_folds}, "
+         f"{spec.crossfit_steps}, {spec.crossfit_lr}")
+    in_loop = cfg.weighting == "iwd" or (cfg.weighting == "auto" and spec.auto_refresh)
+    uses_heldout = (in_loop and spec.influence == "validation") or \
+        (needs_warmup(cfg) and warmup_target(cfg) == "validation")
     need(not uses_heldout or spec.heldout_fraction > 0,
          "the validation target needs a held-out split: set iwd.heldout_fraction > 0")

@@ -81,7 +81,7 @@ class DistributionMatching(Distiller):
             with _trainable(net):
                 with capture(net, directions=streamed) as cap:
                     losses = F.cross_entropy(net(x_real), pool.labels[idx], reduction="none")
-                    cap.weighted_gradient(losses, None, list(net.parameters()))
+                    cap.score_backward(losses)
                 iwd.score_captured(cap, idx, names)
         return mean_distance(real_mean, emb_syn)
 

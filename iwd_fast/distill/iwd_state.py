@@ -36,21 +36,32 @@ class IWDState:
 
     @classmethod
     def from_config(cls, cfg, pool: RealPool, timer: PhaseTimer, warmup=None) -> Optional["IWDState"]:
-        """None for ``weighting="none"``; the warm-up weights held fixed for "static"; an in-loop
-        weighter (uniform until its first scores) for "iwd". ``cfg`` was checked by ``config.validate``."""
+        """None for ``weighting="none"``; the warm-up weights held fixed for "static" and for "auto" (the
+        cross-fitted trust weights); an in-loop weighter for "iwd" (uniform until its first scores) and for
+        "auto" with ``iwd.auto_refresh`` (the trust weights as its prior). ``cfg`` was checked by
+        ``config.validate``."""
         if cfg.weighting == "none":
             return None
         spec = cfg.iwd
-        if cfg.weighting == "static":
+        if cfg.weighting in ("static", "auto"):
             if warmup is None:
-                raise ValueError("weighting='static' needs the warm-up scores")
-            return cls(warmup.target, warmup.weighter, None, timer=timer)
+                raise ValueError(f"weighting={cfg.weighting!r} needs the warm-up scores")
+            if not (cfg.weighting == "auto" and spec.auto_refresh):
+                return cls(warmup.target, warmup.weighter, None, timer=timer)
+        prior = warmup.weighter.prior if cfg.weighting == "auto" else None
         weighter = InfluenceWeighter(pool.labels.cpu(), pool.num_classes, temperature=spec.temperature,
                                      ema=spec.ema, floor=spec.floor, sign=sign_for(spec.influence, spec.sign),
-                                     transform=spec.transform, standardize=spec.standardize)
+                                     transform=spec.transform, standardize=spec.standardize, prior=prior)
         gen = torch.Generator().manual_seed(mix_seed(cfg.seed, Stream.HELDOUT_BATCHES))
         return cls(spec.influence, weighter, spec.refresh, spec.heldout_batch, spec.heldout_keep, timer=timer,
                    generator=gen)
+
+    @property
+    def support(self) -> Optional[torch.Tensor]:
+        """Bool [n]: the instances real batches are drawn from (those with positive prior weight), or None
+        for all of them. Instances of weight 0 would only shrink a batch."""
+        prior = self.weighter.prior
+        return None if prior is None else prior > 0
 
     @property
     def in_loop(self) -> bool:

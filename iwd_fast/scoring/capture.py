@@ -24,6 +24,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from . import dispatch
 from .checks import format_indices
+from .losses import weighted_mean
 from .params import (Directions, StackedDirections, group_by_module, param_owners, stack_directions,
                      trainable_parameters)
 from .rules import Record, UnsupportedLayerError, rule_for
@@ -38,18 +39,10 @@ class _Call:
     module: nn.Module
     record: Record
     edge: Optional[GradientEdge]  # where the output's gradient enters the graph (holds no activation)
-    output: Optional[torch.Tensor] = None  # never kept: an output alive until the backward costs its memory
+    arrivals: int = 0  # backward passes whose gradient reached this call's output
     streamed: bool = False  # its tensors were released after its streamed terms were folded in
     dot_done: bool = False
     norm_done: bool = False
-
-
-@dataclass
-class _Weighting:
-    """weighted_gradient's state during its backward: per-sample factors and the gradients so far."""
-
-    factors: torch.Tensor                              # [B] c_i = w_i / sum_j w_j
-    grads: Dict[int, torch.Tensor]                     # id(parameter) -> sum_i c_i dL_i/dparam
 
 
 @dataclass
@@ -92,8 +85,9 @@ class Capture:
         self.calls: List[_Call] = []
         self._handles: list = []
         self._stream: Optional[_Stream] = None
-        self._weighting: Optional[_Weighting] = None   # set while weighted_gradient runs its backward
-        self._unweighted_sum = False                   # the captured gradients are those of sum_i loss_i
+        self._carried: Optional[torch.Tensor] = None   # [B] factor each loss carried in weighted_gradient's backward
+        self._deferred = False                         # a first backward pass is running: gather, do not stream yet
+        self._passes = 1                               # passes whose gradients a streamed norm waits for
         self._norm_names: Optional[List[str]] = None
         if directions is None and not norm_sq:
             return
@@ -131,9 +125,8 @@ class Capture:
             rec = call.record
             rec.delta = grad.detach() if rec.delta is None else rec.delta + grad.detach()
             call.edge = None
-            if self._weighting is not None:
-                self._accumulate_weighted(call.module, Record(rec.x, grad.detach()))
-            if self._stream is not None and self._stream.wants(call.module):
+            call.arrivals += 1
+            if self._stream is not None and not self._deferred and self._stream.wants(call.module):
                 self._consume(call)
 
         output.register_hook(keep)
@@ -151,7 +144,7 @@ class Capture:
         group = [call]
         if mid in st.norms:
             group = [c for c in self.calls if c.module is call.module and not c.norm_done]
-            if any(c.record.delta is None for c in group):
+            if any(c.arrivals < self._passes for c in group):
                 return  # another call of this module still waits for its gradient
             term = rule_for(call.module).norm_sq(call.module, [c.record for c in group], st.norms[mid][1], st.ops)
             st.norm_total = term if st.norm_total is None else st.norm_total + term
@@ -161,71 +154,63 @@ class Capture:
             if c.dot_done or mid not in st.dots:
                 c.record.x, c.record.delta, c.streamed = None, None, True
 
-    def _accumulate_weighted(self, module: nn.Module, rec: Record) -> None:
-        """Fold one call's weighted parameter gradient (rebuilt from its unweighted output gradient) in."""
-        wt = self._weighting
-        params = dict(module.named_parameters(recurse=False))
-        for local, g in rule_for(module).weighted_grad(module, rec, wt.factors).items():
-            key = id(params[local])
-            wt.grads[key] = g if key not in wt.grads else wt.grads[key] + g
-
     def weighted_gradient(self, losses: torch.Tensor, weights: Optional[torch.Tensor],
                           params: Sequence[torch.Tensor]) -> tuple:
-        """The gradient of the weighted mean loss sum_i w_i loss_i / sum_j w_j w.r.t. ``params``, from ONE
-        backward of the unweighted per-sample losses; the capture keeps their unweighted gradients.
+        """The gradient of the weighted mean loss sum_i w_i loss_i / sum_j w_j w.r.t. ``params``, computed by
+        autograd's own backward of that loss (``losses.weighted_mean``, the expression the unscored path
+        differentiates: the gradient is bitwise the one ``torch.autograd.grad(weighted_loss, params)`` gives).
 
-        This is the real side of a gradient-matching step in one call: it replaces
-        ``torch.autograd.grad(weighted_loss, params)``, and afterwards ``grad_dot`` / ``grad_norm_sq`` score
-        the unweighted per-sample losses without any ``sample_weights`` (none may be given). No score
-        divides by a weight, so zero weights (a cold temperature) are fine.
+        The layer hooks see c_i * delta_i (c_i = w_i / sum_j w_j); every score is linear in delta_i (norms
+        quadratic), so ``grad_dot`` / ``grad_norm_sq`` divide the per-sample results by c_i (c_i^2) and score
+        the unweighted per-sample losses without any ``sample_weights`` (none may be given). Instances whose
+        factor is too small to divide out (zero weights, or weights that underflow) are scored by a first
+        backward of their own losses to the layer outputs only (no parameter gradient).
 
         Args:
             losses: per-sample losses [B] of the batch whose forward ran inside this capture.
-            weights: [B] non-negative, finite, not all zero (any scale; normalised here); None = uniform.
-            params: the parameters to differentiate, e.g. ``list(net.parameters())``; each must belong to
-                a module with a per-layer rule that ran in the forward.
+            weights: [B] non-negative, finite, not all zero (any scale); None = uniform (the plain mean).
+            params: the tensors to differentiate (any parameters of the graph; scoring needs per-layer rules
+                only for the layers it scores).
         Returns:
             A tuple of gradients aligned with ``params`` (like ``torch.autograd.grad``), detached.
         """
         if losses.dim() != 1:
             raise ValueError(f"weighted_gradient: losses must be per-sample [B], got shape {tuple(losses.shape)}")
         b = losses.shape[0]
-        if weights is None:
-            factors = torch.full((b,), 1.0 / max(b, 1), dtype=losses.dtype, device=losses.device)
-        else:
-            w = torch.as_tensor(weights).detach().to(losses.device, losses.dtype)
-            if w.shape != (b,):
-                raise ValueError(f"weighted_gradient: weights must have shape [{b}], got {tuple(w.shape)}")
-            bad = ~torch.isfinite(w) | (w < 0)
-            if bool(bad.any()):
-                raise ValueError(f"weighted_gradient: negative or non-finite weights at indices {format_indices(bad)}")
-            total = w.sum()
-            if not bool(total > 0):
-                raise ValueError("weighted_gradient: all weights are zero")
-            factors = w / total
-        owners = param_owners(self.model)
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        unknown = [i for i, p in enumerate(params) if id(p) not in names]
-        if unknown:
-            raise ValueError(f"weighted_gradient: params {unknown} are not parameters of the captured model")
-        self._modules_for([names[id(p)] for p in params])  # refuses modules without a rule, by name
+        w = None if weights is None else _checked_weights(weights, b, losses)
         if not self.calls:
             raise RuntimeError("weighted_gradient: nothing was captured: run the forward inside the capture block")
-        self._weighting = _Weighting(factors, {})
-        try:
-            wrt = self.gradient_inputs()
-            torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
-            grads = self._weighting.grads
-        finally:
-            self._weighting = None
-        self._unweighted_sum = True
-        missing = [names[id(p)] for p in params if id(p) not in grads]
+        carried = torch.full((b,), 1.0 / max(b, 1), dtype=torch.float64, device=losses.device) if w is None else \
+            w.double() / w.double().sum()
+        small = carried < _divisible_factor(losses.dtype)
+        if bool(small.any()):  # their deltas would arrive (almost) zero: take them from their own losses first
+            self._deferred, self._passes = True, 2
+            try:
+                torch.autograd.grad((losses * small.to(losses.dtype)).sum(), self.gradient_inputs(),
+                                    retain_graph=True, allow_unused=True)
+            finally:
+                self._deferred = False
+            carried = carried + small.double()
+        params = list(params)
+        grads = torch.autograd.grad(weighted_mean(losses, w), params, allow_unused=True)
+        self._carried = carried
+        missing = [i for i, g in enumerate(grads) if g is None]
         if missing:
-            called = {id(c.module) for c in self.calls}
-            idle = [n for n in missing if not any(id(o.module) in called for o in owners[n])]
-            raise RuntimeError(f"weighted_gradient: no gradient reached parameters {missing}"
-                               + (f" (their modules did not run in the forward: {idle})" if idle else ""))
-        return tuple(grads[id(p)] for p in params)
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            raise RuntimeError(f"weighted_gradient: no gradient reached {[names.get(id(params[i]), i) for i in missing]}: "
+                               "they do not enter the losses")
+        return tuple(g.detach() for g in grads)
+
+    def score_backward(self, losses: torch.Tensor) -> None:
+        """One backward of the per-sample ``losses`` [B] to the recorded layer outputs only: the scores of the
+        unweighted losses (``grad_dot`` / ``grad_norm_sq``, no ``sample_weights``) without any parameter
+        gradient, for loops that need none (DM embeds its real batch without a backward)."""
+        if losses.dim() != 1:
+            raise ValueError(f"score_backward: losses must be per-sample [B], got shape {tuple(losses.shape)}")
+        if not self.calls:
+            raise RuntimeError("score_backward: nothing was captured: run the forward inside the capture block")
+        torch.autograd.grad(losses.sum(), self.gradient_inputs(), allow_unused=True)
+        self._carried = torch.ones(losses.shape[0], dtype=torch.float64, device=losses.device)
 
     def gradient_inputs(self) -> List[GradientEdge]:
         """What to differentiate a loss with respect to so that every hook fires, at the least cost:
@@ -260,8 +245,9 @@ class Capture:
         for owner, pairs in grouped.values():
             v = {local: stacked.tensors[name] for name, local in pairs}
             for rec in self._records(owner):
-                term = _call_dot(owner.module, self._rescaled(rec, scale), v, ops)
+                term = _call_dot(owner.module, rec, v, ops)
                 total = term if total is None else total + term
+        total = _unscaled(total, scale, 1)
         return total[:, 0] if stacked.single else total
 
     def grad_norm_sq(self, params: Optional[Sequence[str]] = None, sample_weights: SampleWeights = None,
@@ -279,20 +265,16 @@ class Capture:
         ops, scale = self._prepare(impl, sample_weights)
         total = None
         for owner, pairs in grouped.values():
-            recs = [self._rescaled(r, scale) for r in self._records(owner)]
-            term = rule_for(owner.module).norm_sq(owner.module, recs, [local for _, local in pairs], ops)
+            term = rule_for(owner.module).norm_sq(owner.module, self._records(owner), [local for _, local in pairs], ops)
             total = term if total is None else total + term
-        return total
+        return _unscaled(total, scale, 2)
 
     def _streamed_dots(self, sample_weights: SampleWeights) -> torch.Tensor:
         st = self._stream
         if st is None or st.stacked is None:
             raise ValueError("grad_dot() without directions reads streamed scores: pass directions to capture()")
         self._check_streamed(st.dots, st.dot_total, lambda c: c.dot_done)
-        total = st.dot_total
-        scale = self._inverse(sample_weights, total.shape[0], total.device)
-        if scale is not None:
-            total = total * scale.to(total.dtype).unsqueeze(1)
+        total = _unscaled(st.dot_total, self._inverse(sample_weights, st.dot_total.shape[0], st.dot_total.device), 1)
         return total[:, 0] if st.stacked.single else total
 
     def _streamed_norms(self, params: Optional[Sequence[str]], sample_weights: SampleWeights) -> torch.Tensor:
@@ -301,9 +283,7 @@ class Capture:
                              f"{sorted(params)}: capture with norm_sq=<those names>")
         st = self._stream
         self._check_streamed(st.norms, st.norm_total, lambda c: c.norm_done)
-        total = st.norm_total
-        scale = self._inverse(sample_weights, total.shape[0], total.device)
-        return total if scale is None else total * scale.to(total.dtype).pow(2)
+        return _unscaled(st.norm_total, self._inverse(sample_weights, st.norm_total.shape[0], st.norm_total.device), 2)
 
     def _check_streamed(self, modules, total, done) -> None:
         pending = [c for c in self.calls if id(c.module) in modules and not done(c)]
@@ -369,20 +349,45 @@ class Capture:
         return ops, self._inverse(sample_weights, batch, device)
 
     def _inverse(self, sample_weights: SampleWeights, batch: int, device) -> Optional[torch.Tensor]:
-        """Factors undoing the differentiated loss's per-sample weights (none after weighted_gradient)."""
-        if self._unweighted_sum:
-            if sample_weights is not None and not (isinstance(sample_weights, str) and sample_weights == "sum"):
-                raise ValueError("sample_weights: this capture's backward ran through weighted_gradient, on the "
-                                 "unweighted per-sample losses; its scores need no sample_weights")
-            return None
+        """[B] factors undoing the per-sample weights the differentiated loss gave the captured gradients:
+        after ``weighted_gradient`` its own (no ``sample_weights`` accepted), else the caller's."""
+        if self._carried is not None:
+            if sample_weights is not None:
+                raise ValueError("sample_weights: this capture's backward ran through weighted_gradient, which "
+                                 "knows the weights; its scores are those of the unweighted losses already")
+            return 1.0 / self._carried
         return _inverse_sample_weights(sample_weights, batch, device)
 
-    @staticmethod
-    def _rescaled(rec: Record, scale: Optional[torch.Tensor]) -> Record:
-        if scale is None:
-            return rec
-        shape = (-1,) + (1,) * (rec.delta.dim() - 1)
-        return Record(rec.x, rec.delta * scale.to(rec.delta.dtype).reshape(shape))
+
+def _unscaled(total: torch.Tensor, scale: Optional[torch.Tensor], power: int) -> torch.Tensor:
+    """Per-sample results [B] or [B, K] of scaled output gradients, turned into those of the unweighted
+    losses: dots are linear in a sample's output gradient (power 1), squared norms quadratic (power 2)."""
+    if scale is None:
+        return total
+    s = scale.to(total.dtype)
+    s = s if total.dim() == 1 else s.unsqueeze(1)
+    for _ in range(power):
+        total = total * s
+    return total
+
+
+def _divisible_factor(dtype: torch.dtype) -> float:
+    """The smallest loss factor c a captured c * delta can be divided by without precision loss: the cube root
+    of the dtype's smallest normal number (float32 2.3e-13; c^-2 then stays far from overflow)."""
+    return torch.finfo(dtype).tiny ** (1.0 / 3.0) if dtype.is_floating_point else 0.0
+
+
+def _checked_weights(weights: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """Weights [B] on ``like``'s device and dtype: non-negative, finite, not all zero (named indices)."""
+    w = torch.as_tensor(weights).detach().to(like.device, like.dtype)
+    if w.shape != (batch,):
+        raise ValueError(f"weighted_gradient: weights must have shape [{batch}], got {tuple(w.shape)}")
+    bad = ~torch.isfinite(w) | (w < 0)
+    if bool(bad.any()):
+        raise ValueError(f"weighted_gradient: negative or non-finite weights at indices {format_indices(bad)}")
+    if not bool(w.sum() > 0):
+        raise ValueError("weighted_gradient: all weights are zero")
+    return w
 
 
 def _call_dot(module: nn.Module, rec: Record, v, ops) -> torch.Tensor:

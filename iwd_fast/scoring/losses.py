@@ -11,7 +11,7 @@ from .checks import format_indices
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LossSpec = Union[str, PerSampleLoss]
 
-__all__ = ["PerSampleLoss", "LossSpec", "cross_entropy_per_sample", "resolve_loss", "check_labels"]
+__all__ = ["PerSampleLoss", "LossSpec", "cross_entropy_per_sample", "weighted_mean", "resolve_loss", "check_labels"]
 
 
 def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -26,6 +26,19 @@ def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torc
     else:
         loss = F.cross_entropy(logits, labels, reduction="none")
     return loss.reshape(loss.shape[0], -1).sum(dim=1) if loss.dim() > 1 else loss
+
+
+def weighted_mean(losses: torch.Tensor, weights: "torch.Tensor | None") -> torch.Tensor:
+    """sum_i w_i l_i / sum_j w_j of per-sample ``losses`` [B] (the plain mean for ``weights`` None), a scalar.
+
+    THE expression of a weighted real loss: ``weighting.weighted_cross_entropy`` and
+    ``Capture.weighted_gradient`` both reduce with it, so a scored step's gradient is bitwise the unscored
+    one. ``weights`` [B] (any positive scale, unchecked here) move to the losses' device and dtype.
+    """
+    if weights is None:
+        return losses.mean()
+    w = weights.to(losses.device, losses.dtype)
+    return (w * losses).sum() / w.sum()
 
 
 def resolve_loss(loss: LossSpec) -> PerSampleLoss:

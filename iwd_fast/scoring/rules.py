@@ -4,9 +4,10 @@ A rule knows one family of modules. Given the records of every call of a module 
 (its input ``x`` and the gradient ``delta`` of the sum of per-sample losses at its output), it returns
 
 * ``dot``:     [B, K] per-sample <dL_i/dtheta_module, V_k>, summed over calls (the gradient is linear);
-* ``norm_sq``: [B]    per-sample ||dL_i/dtheta_module||^2 restricted to some of its parameters;
-* ``weighted_grad``: {local name: sum_i c_i dL_i/dtheta} for per-sample factors c [B] (the gradient of
-  a weighted loss, rebuilt from the unweighted output gradients: no division by the weights anywhere).
+* ``norm_sq``: [B]    per-sample ||dL_i/dtheta_module||^2 restricted to some of its parameters.
+
+Both are linear (norms quadratic) in a sample's output gradient, so a loss that weighted sample i by c_i
+gives c_i (c_i^2) times the unweighted result (``Capture`` divides it out).
 
 The heavy products go through ``ops`` (a backend: the eager formulas in ``reference`` or a kernel
 backend with the same signatures). Rules never run a layer's parameters through autograd.
@@ -54,15 +55,6 @@ class _Rule:
 
     def norm_sq(self, module: nn.Module, recs: Sequence[Record], names: Sequence[str], ops) -> torch.Tensor:
         raise NotImplementedError
-
-    def weighted_grad(self, module: nn.Module, rec: Record, c: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """{local parameter name: sum_i c[i] * dL_i/dparam} of one call; c [B] in the delta's dtype."""
-        raise NotImplementedError
-
-
-def _scaled(delta: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """delta [B, ...] with sample i multiplied by c[i]."""
-    return delta * c.to(delta.dtype).reshape((-1,) + (1,) * (delta.dim() - 1))
 
 
 def _batch(t: torch.Tensor) -> int:
@@ -118,13 +110,6 @@ class LinearRule(_Rule):
             out = out + d.sum(dim=1).pow(2).sum(dim=1)
         return out
 
-    def weighted_grad(self, module, rec, c):
-        a, d = self._flat(module, rec)
-        d = _scaled(d, c)
-        out = {"weight": d.reshape(-1, d.shape[-1]).transpose(0, 1) @ a.reshape(-1, a.shape[-1])}
-        if module.bias is not None:
-            out["bias"] = d.sum(dim=(0, 1))
-        return out
 
 
 class ConvRule(_Rule):
@@ -170,16 +155,6 @@ class ConvRule(_Rule):
                                    for sl in sample_slices(recs[0].delta.shape[0], per_sample, live)])
         if "bias" in names:
             out = out + sum(r.delta.flatten(2).sum(dim=2) for r in recs).pow(2).sum(dim=1)
-        return out
-
-    def weighted_grad(self, module, rec, c):
-        x, padding = self._geometry(module, rec.x)
-        d = _scaled(rec.delta, c)
-        weight_grad = torch.nn.grad.conv1d_weight if x.dim() == 3 else torch.nn.grad.conv2d_weight
-        out = {"weight": weight_grad(x, module.weight.shape, d, tuple(module.stride), padding,
-                                     tuple(module.dilation), module.groups)}
-        if module.bias is not None:
-            out["bias"] = d.flatten(2).sum(dim=(0, 2))
         return out
 
     def _weight_norm_sq(self, module, recs, sl, ops):
@@ -263,16 +238,6 @@ class NormRule(_Rule):
             parts.append(out)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def weighted_grad(self, module, rec, c):
-        xhat, d = self._xhat_delta(module, rec)
-        d = _scaled(d, c)
-        out = {}
-        if module.weight is not None:
-            out["weight"] = (xhat * d).sum(dim=(0, 2)).reshape(module.weight.shape)
-        if module.bias is not None:
-            out["bias"] = d.sum(dim=(0, 2)).reshape(module.bias.shape)
-        return out
-
 
 class EmbeddingRule(_Rule):
     """Embedding tables: a gather, so every backend uses the eager formula."""
@@ -297,14 +262,6 @@ class EmbeddingRule(_Rule):
             d = d * (idx != module.padding_idx).unsqueeze(-1).to(d.dtype)
         same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(d.dtype)  # [B, T, T]
         return (same * torch.bmm(d, d.transpose(1, 2))).sum(dim=(1, 2))
-
-    def weighted_grad(self, module, rec, c):
-        b = _batch(rec.x)
-        idx = rec.x.reshape(-1)
-        d = _scaled(rec.delta.reshape(b, -1, module.embedding_dim), c).reshape(-1, module.embedding_dim)
-        if module.padding_idx is not None:
-            d = d * (idx != module.padding_idx).unsqueeze(1).to(d.dtype)
-        return {"weight": torch.zeros_like(module.weight, dtype=d.dtype).index_add_(0, idx, d)}
 
 
 _RULES: List[_Rule] = [LinearRule(), ConvRule(), NormRule(), EmbeddingRule()]

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..scoring.checks import as_labels, format_indices
+from ..scoring.losses import weighted_mean
 
 __all__ = ["weighted_cross_entropy", "weighted_class_mean", "normalize_weights", "IndexedClassSampler",
            "IndexedDataset", "select_initial", "INIT_MODES"]
 
-INIT_MODES = ("top", "proportional", "random")
+INIT_MODES = ("top", "proportional", "random", "trusted")
 
 
 def _check_weights(weights: torch.Tensor, size: int, where: str) -> None:
@@ -75,9 +76,7 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
         return F.cross_entropy(logits, labels)
     if validate:
         _check_weights(weights, logits.shape[0], "weighted_cross_entropy")
-    ce = F.cross_entropy(logits, labels, reduction="none")
-    wn = weights.to(ce.device, ce.dtype)
-    return (wn * ce).sum() / wn.sum()
+    return weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weights)
 
 
 def weighted_class_mean(features: torch.Tensor, weights: Optional[torch.Tensor] = None,
@@ -138,13 +137,27 @@ class IndexedClassSampler:
         labels: int64 [n].
         num_classes: number of classes C.
         seed: seeds the sampler's own CPU ``torch.Generator``; the global RNG is never touched.
+        support: bool [n] or None: draw only these instances (e.g. ``weights > 0``: instances whose weight
+            is 0 would only shrink a batch's effective size). None: every instance.
     """
 
-    def __init__(self, labels: torch.Tensor, num_classes: int, seed: int = 0):
+    def __init__(self, labels: torch.Tensor, num_classes: int, seed: int = 0,
+                 support: Optional[torch.Tensor] = None):
         self.labels = as_labels(labels, "IndexedClassSampler", num_classes)
         self.num_classes = int(num_classes)
         self.seed = int(seed)
-        self.members: List[torch.Tensor] = [torch.nonzero(self.labels == c).flatten()
+        keep = torch.ones_like(self.labels, dtype=torch.bool)
+        if support is not None:
+            keep = torch.as_tensor(support).detach().to("cpu")
+            if keep.dtype != torch.bool or keep.shape != self.labels.shape:
+                raise ValueError(f"IndexedClassSampler: support must be bool {tuple(self.labels.shape)}, got "
+                                 f"{keep.dtype} {tuple(keep.shape)}")
+            emptied = [c for c in range(self.num_classes) if bool((self.labels == c).any())
+                       and not bool(keep[self.labels == c].any())]
+            if emptied:
+                raise ValueError(f"IndexedClassSampler: support excludes every instance of classes "
+                                 f"{format_indices(emptied)}")
+        self.members: List[torch.Tensor] = [torch.nonzero((self.labels == c) & keep).flatten()
                                             for c in range(self.num_classes)]
         self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
 
@@ -212,7 +225,9 @@ def select_initial(labels: torch.Tensor, weights: Optional[torch.Tensor], num_cl
         weights: float [n] (e.g. ``InfluenceWeighter.weights()``); may be None for mode "random".
         ipc: images per class.
         mode: "top" (the ipc highest-weight instances of each class, ties to the lower index),
-            "proportional" (ipc drawn in proportion to the weights, without replacement) or
+            "proportional" (ipc drawn in proportion to the weights, without replacement),
+            "trusted" (ipc drawn uniformly among the instances with positive weight: the recommended
+            start with ``trust_weights``, as diverse as a random start without the suspects) or
             "random" (ipc drawn uniformly without replacement). "weighted" is accepted for "top".
         seed: seeds a private ``torch.Generator`` (unused by "top").
 
@@ -241,6 +256,11 @@ def select_initial(labels: torch.Tensor, weights: Optional[torch.Tensor], num_cl
     for c, m in enumerate(members):
         if mode == "random":
             picked.append(m[torch.randperm(m.numel(), generator=gen)[:ipc]])
+        elif mode == "trusted":
+            bad = m[~torch.isfinite(weights[m]) | (weights[m] < 0)]
+            if bad.numel():
+                raise ValueError(f"select_initial: negative or non-finite weights at indices {format_indices(bad.tolist())}")
+            picked.append(_draw_weighted(m, (weights > 0).double(), ipc, gen, "select_initial", c))
         elif mode == "proportional":
             picked.append(_draw_weighted(m, weights, ipc, gen, "select_initial", c))
         else:

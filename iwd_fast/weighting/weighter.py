@@ -23,6 +23,7 @@ their target and take ``sign`` from :func:`sign_for`:
 | explicit, implicit | influence I_i on the distillation loss | informative -> +1, consistent (= auto) -> -1 |
 | validation | benefit -I_i (alignment with the held-out descent direction) | auto -> +1 |
 | self | squared per-sample gradient norm ||g_i||^2 | auto -> -1 (small norm = trusted) |
+| crossfit | out-of-sample margin max_{k != y} p_ik - p_iy | auto -> -1 (small margin = trusted) |
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import torch
 from ..scoring.checks import as_labels, format_indices
 from .metrics import weight_mass_on
 
-__all__ = ["InfluenceWeighter", "SIGN_POLICIES", "sign_for", "labels_fingerprint"]
+__all__ = ["InfluenceWeighter", "SIGN_POLICIES", "WEIGHTER_DEFAULTS", "sign_for", "labels_fingerprint"]
 
 # target -> {accepted policy: sign}; "auto" for explicit/implicit is "consistent" (METHOD.md section 2).
 SIGN_POLICIES: Dict[str, Dict[str, int]] = {
@@ -44,6 +45,7 @@ SIGN_POLICIES: Dict[str, Dict[str, int]] = {
     "implicit": {"auto": -1, "consistent": -1, "informative": +1},
     "validation": {"auto": +1},
     "self": {"auto": -1},
+    "crossfit": {"auto": -1},  # out-of-sample margin (iwd_fast.weighting.trust): large = suspected wrong label
 }
 
 _FORMAT = "iwd_fast.InfluenceWeighter/1"
@@ -51,16 +53,22 @@ _FORMAT = "iwd_fast.InfluenceWeighter/1"
 
 TRANSFORMS = ("zscore", "rank")
 
+# The one set of defaults: the class, the built-in loops (``IWDSpec`` takes its defaults from here) and the
+# README's recipes. "rank" with per-update standardisation is the bounded transform the loops were measured
+# with (benchmarks/RESULTS.md); a bare z-score softmax reached weights in the hundreds.
+WEIGHTER_DEFAULTS: Dict[str, object] = {"temperature": 1.0, "ema": 0.8, "floor": 0.0, "transform": "rank",
+                                        "standardize": True}
+
 
 def _zscore(s: torch.Tensor, scored: torch.Tensor, eps: float) -> torch.Tensor:
-    """(s - mean) / (std + eps) over the scored entries; unscored entries get 0 (the class mean)."""
+    """(s - mean) / (std + eps) over the ``scored`` entries; the others get 0 (the class mean)."""
     known = s[scored]
     z = (s - known.mean()) / (known.std(unbiased=False) + eps)
     return torch.where(scored, z, torch.zeros_like(z))
 
 
 def _rank_normal(s: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """Phi^-1((rank - 1/2) / n) over the scored entries (average ranks for ties); unscored entries get 0."""
+    """Phi^-1((rank - 1/2) / n) over the ``scored`` entries (average ranks for ties); the others get 0."""
     known = s[scored].numpy()
     order = np.argsort(known, kind="stable")
     ranks = np.empty(known.size, dtype=np.float64)
@@ -120,16 +128,24 @@ class InfluenceWeighter:
         num_classes: number of classes C.
         temperature: softmax temperature tau > 0; ``math.inf`` gives uniform weights.
         ema: beta in [0, 1]; a later score s_new updates s <- beta * s_old + (1 - beta) * s_new.
-        floor: lambda in [0, 1]; mixes the weights with uniform: w <- (1 - lambda) * w + lambda.
+        floor: lambda in [0, 1]; mixes the weights with uniform (with the prior's, given one):
+            w <- (1 - lambda) * w + lambda * w_prior.
         sign: +1 or -1, applied to the z-scores (see :func:`sign_for`).
         eps: added to the per-class standard deviation.
         transform: "zscore" or "rank" (see the module docstring).
         standardize: z-score each update's scores per class before the EMA.
+        prior: float [n] >= 0 or None: base weights the scores refine, w_i proportional to
+            prior_i * exp(z_i / tau) within each class (mean 1 per class). An instance with prior 0 keeps
+            weight 0 and is left out of the z-scores and ranks; without scores the weights are the prior,
+            normalised per class (``iwd_fast.weighting.trust.trust_weights`` gives one). None: uniform.
+
+    The defaults are :data:`WEIGHTER_DEFAULTS`, the ones the built-in loops use.
     """
 
-    def __init__(self, labels: torch.Tensor, num_classes: int, *, temperature: float = 1.0, ema: float = 0.8,
-                 floor: float = 0.0, sign: int = 1, eps: float = 1e-8, transform: str = "zscore",
-                 standardize: bool = False):
+    def __init__(self, labels: torch.Tensor, num_classes: int, *, temperature: float = WEIGHTER_DEFAULTS["temperature"],
+                 ema: float = WEIGHTER_DEFAULTS["ema"], floor: float = WEIGHTER_DEFAULTS["floor"], sign: int = 1,
+                 eps: float = 1e-8, transform: str = WEIGHTER_DEFAULTS["transform"],
+                 standardize: bool = WEIGHTER_DEFAULTS["standardize"], prior: Optional[torch.Tensor] = None):
         if int(num_classes) < 1:
             raise ValueError(f"InfluenceWeighter: num_classes must be >= 1, got {num_classes}")
         labels = as_labels(labels, "InfluenceWeighter", num_classes).contiguous()
@@ -148,6 +164,8 @@ class InfluenceWeighter:
         if transform not in TRANSFORMS:
             raise ValueError(f"InfluenceWeighter: transform must be one of {TRANSFORMS}, got {transform!r}")
         self.transform, self.standardize = transform, bool(standardize)
+        self._prior: Optional[torch.Tensor] = None
+        self.prior = prior
 
     # ----------------------------------------------------------------------------------- hyperparameters
     @property
@@ -172,6 +190,27 @@ class InfluenceWeighter:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"InfluenceWeighter: floor must lie in [0, 1], got {value}")
         self._floor = value
+        self._cache = {}
+
+    @property
+    def prior(self) -> Optional[torch.Tensor]:
+        """Base weights float64 [n] the scores refine (None: uniform)."""
+        return None if self._prior is None else self._prior.clone()
+
+    @prior.setter
+    def prior(self, value: Optional[torch.Tensor]) -> None:
+        if value is not None:
+            value = torch.as_tensor(value).detach().to("cpu", torch.float64)
+            if value.shape != (self.n,):
+                raise ValueError(f"InfluenceWeighter: prior must have shape ({self.n},), got {tuple(value.shape)}")
+            bad = torch.nonzero(~torch.isfinite(value) | (value < 0)).flatten()
+            if bad.numel():
+                raise ValueError(f"InfluenceWeighter: prior negative or non-finite at indices "
+                                 f"{format_indices(bad.tolist())}")
+            empty = [c for c, m in enumerate(self._members) if m.numel() and not bool((value[m] > 0).any())]
+            if empty:
+                raise ValueError(f"InfluenceWeighter: prior is zero on every instance of classes {format_indices(empty)}")
+        self._prior = value
         self._cache = {}
 
     @property
@@ -253,19 +292,25 @@ class InfluenceWeighter:
         """log w, float64 [n]: exact where the float32 weights underflow to 0 (cold temperatures)."""
         if "log" not in self._cache:
             lw = torch.zeros(self.n, dtype=torch.float64)
+            base = torch.zeros(self.n, dtype=torch.float64)  # log of the prior normalised to mean 1 per class
             for members in self._members:
                 n_c = members.numel()
-                scored = self._scored[members]
-                if n_c == 0 or not bool(scored.any()):
-                    continue  # no information about this class: uniform weight 1
+                if n_c == 0:
+                    continue
+                lp = torch.zeros(n_c, dtype=torch.float64) if self._prior is None else self._prior[members].log()
+                base[members] = math.log(n_c) + torch.log_softmax(lp, dim=0)
+                known = self._scored[members] & torch.isfinite(lp)
+                if not bool(known.any()):
+                    lw[members] = base[members]  # no scores in this class: the prior (uniform without one)
+                    continue
                 s = self._scores[members]
-                z = _rank_normal(self.sign * s, scored) if self.transform == "rank" else \
-                    _zscore(self.sign * s, scored, self.eps)
+                z = _rank_normal(self.sign * s, known) if self.transform == "rank" else \
+                    _zscore(self.sign * s, known, self.eps)
                 z = torch.zeros_like(z) if math.isinf(self._temperature) else z / self._temperature
-                lw[members] = math.log(n_c) + torch.log_softmax(z, dim=0)
-            if self._floor:
+                lw[members] = math.log(n_c) + torch.log_softmax(lp + z, dim=0)
+            if self._floor:  # mix with the prior's weights (uniform without a prior)
                 lw = torch.logaddexp(lw + math.log1p(-self._floor) if self._floor < 1 else torch.full_like(lw, -math.inf),
-                                     torch.full_like(lw, math.log(self._floor)))
+                                     base + math.log(self._floor))
             self._cache["log"] = lw
         return self._cache["log"]
 
@@ -293,6 +338,10 @@ class InfluenceWeighter:
         lw = self._log_weights()[idx]
         if lw.numel() == 0:
             return lw.to(device, torch.float32)
+        if not bool(torch.isfinite(lw.max())):
+            raise ValueError(f"InfluenceWeighter.relative_batch_weights: every instance of the batch has weight 0 "
+                             f"(indices {format_indices(idx.tolist())}); draw batches from the instances with "
+                             f"positive weight (IndexedClassSampler(..., support=weights > 0))")
         return (lw - lw.max()).exp().to(device, torch.float32)
 
     def batch_log_weight_sum(self, indices: torch.Tensor) -> float:
@@ -351,9 +400,9 @@ class InfluenceWeighter:
                 "sign": self.sign, "eps": self.eps, "transform": self.transform, "standardize": self.standardize}
 
     def state_dict(self) -> dict:
-        """Scores float64 [n], scored mask bool [n], hyperparameters and the labels fingerprint."""
-        return {"scores": self._scores.clone(), "scored": self._scored.clone(), **self.hyperparameters(),
-                **self._fingerprint}
+        """Scores float64 [n], scored mask bool [n], the prior (or None), hyperparameters and the labels fingerprint."""
+        return {"scores": self._scores.clone(), "scored": self._scored.clone(), "prior": self.prior,
+                **self.hyperparameters(), **self._fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`; ValueError if it was saved for different labels."""
@@ -374,6 +423,7 @@ class InfluenceWeighter:
         self.transform, self.standardize = transform, bool(state.get("standardize", False))
         self._scores = scores.clone()
         self._scored = scored.clone()
+        self.prior = state.get("prior")
         self._cache = {}
 
     def save(self, path: str) -> None:
@@ -383,8 +433,11 @@ class InfluenceWeighter:
         meta = {k: v if isinstance(v, str) else repr(v) for k, v in self.hyperparameters().items()}
         meta.update({k: str(v) for k, v in self._fingerprint.items()})
         meta["format"] = _FORMAT
-        save_file({"scores": self._scores.contiguous(), "scored": self._scored.contiguous(),
-                   "labels": self.labels.contiguous()}, str(path), metadata=meta)
+        tensors = {"scores": self._scores.contiguous(), "scored": self._scored.contiguous(),
+                   "labels": self.labels.contiguous()}
+        if self._prior is not None:
+            tensors["prior"] = self._prior.contiguous()
+        save_file(tensors, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str, labels: Optional[torch.Tensor] = None) -> "InfluenceWeighter":
@@ -414,5 +467,5 @@ class InfluenceWeighter:
         obj = cls(tensors["labels"] if labels is None else labels, saved["num_classes"],
                   sign=int(meta["sign"]), **hp)
         obj.load_state_dict({"scores": tensors["scores"], "scored": tensors["scored"], "sign": int(meta["sign"]),
-                             **hp, **saved})
+                             "prior": tensors.get("prior"), **hp, **saved})
         return obj

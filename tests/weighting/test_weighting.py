@@ -21,8 +21,11 @@ def _labels(n=60, c=3, seed=0):
     return lab[torch.randperm(n, generator=g)]
 
 
+ZSCORE = {"transform": "zscore", "standardize": False}  # the formula _ref_weights states (not the default)
+
+
 def _scored(labels, c=3, seed=1, **kw):
-    wtr = InfluenceWeighter(labels, c, **kw)
+    wtr = InfluenceWeighter(labels, c, **{**ZSCORE, **kw})
     g = torch.Generator().manual_seed(seed)
     scores = torch.randn(labels.numel(), generator=g, dtype=torch.float64)
     wtr.update(torch.arange(labels.numel()), scores)
@@ -89,7 +92,7 @@ def test_floor_mixes_toward_one():
 
 
 def test_ema_by_hand():
-    wtr = InfluenceWeighter(torch.tensor([0, 0, 1, 1]), 2, ema=0.75)
+    wtr = InfluenceWeighter(torch.tensor([0, 0, 1, 1]), 2, ema=0.75, standardize=False)  # raw scores kept
     wtr.update(torch.tensor([0, 2]), torch.tensor([4.0, -2.0]))
     wtr.update(torch.tensor([0, 1]), torch.tensor([8.0, 1.0]))
     wtr.update(torch.tensor([0]), torch.tensor([0.0]))
@@ -100,7 +103,7 @@ def test_ema_by_hand():
 
 def test_unscored_take_class_mean_and_unscored_class_is_uniform():
     lab = torch.tensor([0, 0, 0, 0, 1, 1, 1])
-    wtr = InfluenceWeighter(lab, 2, sign=1)
+    wtr = InfluenceWeighter(lab, 2, sign=1, **ZSCORE)
     s = torch.tensor([1.0, 2.0, 6.0])
     wtr.update(torch.tensor([0, 1, 2]), s)
     w = wtr.weights().double()
@@ -115,7 +118,7 @@ def test_unscored_take_class_mean_and_unscored_class_is_uniform():
 def test_affine_invariance_within_class():
     lab = _labels()
     wtr, s = _scored(lab, temperature=0.5)
-    other = InfluenceWeighter(lab, 3, temperature=0.5)
+    other = InfluenceWeighter(lab, 3, temperature=0.5, **ZSCORE)
     a = torch.tensor([3.0, 0.2, 17.0], dtype=torch.float64)[lab]
     b = torch.tensor([-5.0, 100.0, 0.3], dtype=torch.float64)[lab]
     other.update(torch.arange(60), a * s + b)
@@ -198,8 +201,8 @@ def test_sign_policies():
     assert sign_for("explicit", "informative") == 1 and sign_for("implicit", "informative") == 1
     assert sign_for("explicit", "consistent") == -1 and sign_for("explicit", "auto") == -1
     assert sign_for("implicit", "auto") == -1
-    assert sign_for("validation", "auto") == 1 and sign_for("self", "auto") == -1
-    assert set(W.SIGN_POLICIES) == {"explicit", "implicit", "validation", "self"}
+    assert sign_for("validation", "auto") == 1 and sign_for("self", "auto") == -1 and sign_for("crossfit") == -1
+    assert set(W.SIGN_POLICIES) == {"explicit", "implicit", "validation", "self", "crossfit"}
     for target, policy in (("validation", "informative"), ("self", "consistent"), ("bogus", "auto"),
                            ("explicit", "bogus")):
         with pytest.raises(ValueError):
@@ -266,8 +269,8 @@ def test_rank_transform_bounds_the_weights_where_zscore_does_not():
     n = 2000
     labels = torch.zeros(n, dtype=torch.long)
     scores = _heavy_tailed(n, gen)
-    z = InfluenceWeighter(labels, 1, temperature=0.2, ema=0.0, transform="zscore")
-    r = InfluenceWeighter(labels, 1, temperature=0.2, ema=0.0, transform="rank")
+    z = InfluenceWeighter(labels, 1, temperature=0.2, ema=0.0, **ZSCORE)
+    r = InfluenceWeighter(labels, 1, temperature=0.2, ema=0.0, transform="rank", standardize=False)
     for wt in (z, r):
         wt.update(torch.arange(n), scores)
     wz, wr = z.weights(), r.weights()
@@ -279,7 +282,7 @@ def test_rank_transform_bounds_the_weights_where_zscore_does_not():
     assert float(wr.max()) == pytest.approx(bound, rel=1e-5)
     assert float(wr.mean()) == pytest.approx(1.0, abs=1e-5)
     # ranks ignore the scale of the tail: a monotone map of the scores leaves the weights unchanged
-    r2 = InfluenceWeighter(labels, 1, temperature=0.2, ema=0.0, transform="rank")
+    r2 = InfluenceWeighter(labels, 1, temperature=0.2, ema=0.0, transform="rank", standardize=False)
     r2.update(torch.arange(n), torch.sinh(scores))
     assert torch.equal(r2.weights(), wr)
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from ...runtime import Stream, mix_seed
 from ...weighting.dropin import select_initial
+from ..config import init_mode
+from ..pool import SELECT_MODE
 from .mtt import TrajectoryMatching
 
 __all__ = ["DATM", "correct_initial_indices"]
@@ -30,15 +32,15 @@ def correct_initial_indices(logits: torch.Tensor, labels: torch.Tensor, weights,
                             mode: str, seed: int) -> Dict:
     """Pool indices [C * ipc] among the instances whose logits [n, C] predict their label [n].
 
-    Within class c the ipc images are drawn from the correct ones by ``mode`` ("random", "weighted" =
-    top weight, "proportional" = in proportion to ``weights`` [n]); if fewer than ipc are correct the
+    Within class c the ipc images are drawn from the correct ones by ``mode`` ("random", "trusted" =
+    uniform among positive weights, "weighted" = top weight, "proportional" = in proportion to ``weights`` [n]); if fewer than ipc are correct the
     rest are drawn the same way from the incorrect ones. Returns {"indices", "correct_pool_fraction",
     "filled_from_incorrect"}.
     """
     correct = logits.argmax(1).cpu() == labels.cpu()
     gen_seed = int(seed)
     picked, filled = [], 0
-    select_mode = {"weighted": "top", "proportional": "proportional", "random": "random"}[mode]
+    select_mode = SELECT_MODE[mode]
     for c in range(num_classes):
         members = torch.nonzero(labels.cpu() == c).flatten()
         good, bad = members[correct[members]], members[~correct[members]]
@@ -73,9 +75,7 @@ class DATM(TrajectoryMatching):
             net = student.load_into_net(buffer.snapshot(0, epoch)).eval()
             logits = torch.cat([net(pool.images[i:i + 1024]) for i in range(0, pool.images.shape[0], 1024)])
         weights = prepared.state.get("weights")
-        mode = cfg.iwd.init if weights is not None else "random"
-        if mode not in ("random", "weighted", "proportional"):
-            raise ValueError(f"iwd.init must be random, weighted or proportional, got {mode!r}")
+        mode = init_mode(cfg) if weights is not None else "random"
         chosen = correct_initial_indices(logits, pool.labels, weights, pool.num_classes, cfg.ipc, mode,
                                          mix_seed(cfg.seed, Stream.TM_INITIAL))
         how = "uniform" if weights is None else f"{mode} by IWD weights"

@@ -6,6 +6,9 @@ scheme of METHOD.md 2d, each stage cached on disk:
     3. weights from the scores (the run's InfluenceWeighter)       -> weighted experts, keyed by the weights
     4. distillation matches the weighted experts; real initialisation picks by weight (iwd.init)
 
+With ``weighting="auto"`` the cross-fitted trust weights of the run's warm-up (0 on the suspects) train the
+experts directly (no second pass), and the run's own initial selection applies.
+
 Without weighting, step 1 trains ``tm.num_experts`` experts and distillation matches them.
 """
 from __future__ import annotations
@@ -19,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from ...runtime import Stream, mix_seed
 from ...weighting.dropin import select_initial
 from ..base import build_net
+from ..config import init_mode
+from ..pool import SELECT_MODE
 from ..stages import Preparation, RunContext
 from .buffer import ExpertBuffer, buffer_key, tensor_sha256
 from .checkpoint_scores import SCORE_TARGETS, checkpoint_scores
@@ -115,7 +120,10 @@ def prepare_trajectory(ctx: RunContext) -> Preparation:
     summary: Dict[str, Any] = {}
     weights = None
     init = None
-    if ctx.iwd is not None:
+    if ctx.iwd is not None and cfg.weighting == "auto":  # the cross-fitted trust weights train the experts
+        weights = ctx.iwd.weighter.weights()
+        init = ctx.initial_indices(cfg)
+    elif ctx.iwd is not None:
         base = buffer_for(None)
         with ctx.timer.phase("experts"):
             first = ensure_experts(base, tm.score_experts, weights=None, label="unweighted experts", **common)
@@ -131,11 +139,8 @@ def prepare_trajectory(ctx: RunContext) -> Preparation:
             "scoring_seconds": scored["seconds"], "scores_cached": scored["cached"],
             "weights_sha256": tensor_sha256(weights.float()),
         }
-        mode = cfg.iwd.init
-        if mode not in ("random", "weighted", "proportional"):
-            raise ValueError(f"iwd.init must be random, weighted or proportional, got {mode!r}")
-        idx = select_initial(pool.labels.cpu(), weights, pool.num_classes, cfg.ipc,
-                             {"weighted": "top", "proportional": "proportional", "random": "random"}[mode],
+        mode = init_mode(cfg)
+        idx = select_initial(pool.labels.cpu(), weights, pool.num_classes, cfg.ipc, SELECT_MODE[mode],
                              mix_seed(cfg.seed, Stream.INITIAL_IMAGES))
         init = {"indices": idx, "init": f"{mode} (weights from {scored['target']} scores along expert checkpoints)"}
     buffer = buffer_for(weights)
