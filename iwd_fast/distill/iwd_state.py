@@ -36,7 +36,7 @@ class IWDState:
 
     @classmethod
     def from_config(cls, cfg, pool: RealPool, timer: PhaseTimer, warmup=None) -> Optional["IWDState"]:
-        """None for ``weighting="none"``; the warm-up weights held fixed for "static" and for "auto" (the
+        """None for ``weighting="none"`` and for "auto" that finds no suspects; the warm-up weights held fixed for "static" and for "auto" (the
         cross-fitted trust weights); an in-loop weighter for "iwd" (uniform until its first scores) and for
         "auto" with ``iwd.auto_refresh`` (the trust weights as its prior). ``cfg`` was checked by
         ``config.validate``."""
@@ -46,6 +46,8 @@ class IWDState:
         if cfg.weighting in ("static", "auto"):
             if warmup is None:
                 raise ValueError(f"weighting={cfg.weighting!r} needs the warm-up scores")
+            if cfg.weighting == "auto" and not spec.auto_refresh and not bool((warmup.weighter.prior == 0).any()):
+                return None  # no suspects anywhere: the run is exactly the unweighted one
             if not (cfg.weighting == "auto" and spec.auto_refresh):
                 return cls(warmup.target, warmup.weighter, None, timer=timer)
         prior = warmup.weighter.prior if cfg.weighting == "auto" else None

@@ -226,8 +226,10 @@ def select_initial(labels: torch.Tensor, weights: Optional[torch.Tensor], num_cl
         ipc: images per class.
         mode: "top" (the ipc highest-weight instances of each class, ties to the lower index),
             "proportional" (ipc drawn in proportion to the weights, without replacement),
-            "trusted" (ipc drawn uniformly among the instances with positive weight: the recommended
-            start with ``trust_weights``, as diverse as a random start without the suspects) or
+            "trusted" (ipc drawn uniformly among the instances with positive weight, the rest of a class
+            filling in, drawn the same way, only where fewer than ipc are trusted: the start for
+            ``trust_weights``, as diverse as a random start without the suspects, and the very draw of
+            "random" where every weight is positive) or
             "random" (ipc drawn uniformly without replacement). "weighted" is accepted for "top".
         seed: seeds a private ``torch.Generator`` (unused by "top").
 
@@ -260,7 +262,12 @@ def select_initial(labels: torch.Tensor, weights: Optional[torch.Tensor], num_cl
             bad = m[~torch.isfinite(weights[m]) | (weights[m] < 0)]
             if bad.numel():
                 raise ValueError(f"select_initial: negative or non-finite weights at indices {format_indices(bad.tolist())}")
-            picked.append(_draw_weighted(m, (weights > 0).double(), ipc, gen, "select_initial", c))
+            trusted = weights[m] > 0
+            order = torch.cat([m[trusted], m[~trusted]])  # the trusted first, in index order
+            first = torch.randperm(int(trusted.sum()), generator=gen)
+            rest = torch.randperm(int((~trusted).sum()), generator=gen) + first.numel() if first.numel() < ipc \
+                else first.new_zeros(0)
+            picked.append(order[torch.cat([first, rest])[:ipc]])
         elif mode == "proportional":
             picked.append(_draw_weighted(m, weights, ipc, gen, "select_initial", c))
         else:

@@ -215,3 +215,43 @@ def test_an_intermediate_evaluation_equals_the_final_one_of_a_run_stopped_there(
     logged = [r for r in log if r.get("iteration") == 1 and "acc_mean" in r]
     assert len(logged) == 1
     assert logged[0]["acc_mean"] == one["accuracy"]["mean"]
+
+
+# ------------------------------------------------------------------ weighting "auto" and the pool-cleaning baselines
+def _auto(noise, **iwd):
+    """DC on the tiny problem with networks that learn it (width 16, lr 0.1): the cross-fit sees real structure."""
+    spec = IWDSpec(crossfit_steps=60, crossfit_lr=0.1, warmup_steps=60, **iwd)
+    return smoke("dc", noise=noise, ipc=4, iterations=2, lr_net=0.1, net=NetSpec(width=16), iwd=spec)
+
+
+def test_auto_weighting_on_clean_labels_is_exactly_the_unweighted_run(tiny_splits):
+    plain = run_distillation(_auto(0.0).replace(weighting="none"), tiny_splits, progress=False, evaluate=False)
+    auto = run_distillation(_auto(0.0).replace(weighting="auto"), tiny_splits, progress=False, evaluate=False)
+    assert auto["noise_estimate"]["suspects"] == 0 and auto["noise_estimate"]["estimated_rate"] == 0.0
+    assert auto["weights"] is None
+    assert torch.equal(auto["synthetic"]["images"], plain["synthetic"]["images"])
+
+
+def test_auto_weighting_drops_the_suspects_it_estimates_under_noise(tiny_splits):
+    plain = run_distillation(_auto(0.4).replace(weighting="none"), tiny_splits, progress=False, evaluate=False)
+    auto = run_distillation(_auto(0.4).replace(weighting="auto"), tiny_splits, progress=False, evaluate=False)
+    est, share = auto["noise_estimate"], auto["flipped_share"]
+    assert abs(est["estimated_rate"] - share) < 0.1  # the strength follows the data's own noise rate
+    assert auto["weight_on_flipped"] < 0.25 * share
+    assert float(auto["weights"].min()) == 0.0 and auto["init"].startswith("trusted")
+    assert auto["init_flipped_share"] < 0.5 * plain["init_flipped_share"]
+
+
+def test_prune_and_relabel_baselines_change_the_pool_as_described(tiny_splits):
+    pruned = run_distillation(_auto(0.4, pool_cleaning="prune", prune_fraction=0.3, init="random"), tiny_splits,
+                              progress=False, evaluate=False)
+    assert pruned["pool_size"] == 4 * round(0.7 * 36)  # 40 per class, 10% held out: 36, 30% of each class dropped
+    assert pruned["weights"] is None and pruned["init"] == "random"
+    plain = run_distillation(_auto(0.4).replace(weighting="none"), tiny_splits, progress=False, evaluate=False)
+    assert pruned["flipped_share"] < plain["flipped_share"]
+    relabelled = run_distillation(_auto(0.4, pool_cleaning="relabel", init="random"), tiny_splits, progress=False,
+                                  evaluate=False)
+    assert relabelled["pool_size"] == 4 * 36
+    assert relabelled["flipped_share"] < 0.75 * plain["flipped_share"]  # it fixes far more labels than it breaks
+    with pytest.raises(ValueError, match="baseline that distils the cleaned pool unweighted"):
+        run_distillation(_auto(0.4, pool_cleaning="prune").replace(weighting="auto"), tiny_splits, progress=False)
