@@ -32,7 +32,7 @@ class IWDSpec:
     ``iwd_fast.weighting.WEIGHTER_DEFAULTS`` (one set for the class, the loops and the README).
     """
 
-    influence: str = "validation"   # in-loop target: explicit | implicit | validation | self
+    influence: str = "validation"   # in-loop target: explicit | implicit | validation | self | prototype (DM)
     sign: str = "auto"              # auto | informative | consistent (distillation targets only)
     temperature: float = WEIGHTER_DEFAULTS["temperature"]
     transform: str = WEIGHTER_DEFAULTS["transform"]      # rank (bounded) | zscore (unbounded)
@@ -199,6 +199,8 @@ def warmup_target(cfg: "DistillConfig") -> str:
 def needs_warmup(cfg: "DistillConfig") -> bool:
     """Whether the run scores its pool with a warm-up network before distilling."""
     return cfg.weighting in ("static", "auto") or init_mode(cfg) != "random" or cfg.iwd.pool_cleaning != "none"
+
+
 NOISE_KINDS = ("symmetric", "pairflip")
 
 
@@ -246,6 +248,9 @@ def validate(cfg: DistillConfig) -> None:
          f"need iwd.crossfit_folds >= 2, crossfit_steps >= 1, crossfit_lr > 0; got {spec.crossfit_folds}, "
          f"{spec.crossfit_steps}, {spec.crossfit_lr}")
     in_loop = cfg.weighting == "iwd" or (cfg.weighting == "auto" and spec.auto_refresh)
+    need(not (in_loop and spec.influence == "prototype") or cfg.method == "dm",
+         f"iwd.influence='prototype' is DM's embedding score (the embeddings of its real batches): method dm "
+         f"only, got {cfg.method!r}")
     uses_heldout = (in_loop and spec.influence == "validation") or \
         (needs_warmup(cfg) and warmup_target(cfg) == "validation")
     need(not uses_heldout or spec.heldout_fraction > 0,

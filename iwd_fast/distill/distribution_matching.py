@@ -3,9 +3,11 @@
 Per iteration a fresh random network embeds a real batch and the synthetic images of every class; the
 synthetic class mean is pulled towards the real class mean. IWD makes the real mean a weighted mean
 (METHOD.md section 1). Its explicit score is an embedding dot, s_i = <f(x_i), v> with
-v = d||mu_w - mu_syn||^2 / d mu_w: nearly free. Validation and self targets score the real batch at
-the same random network through a captured classification backward (an extra forward/backward on
-scoring steps).
+v = d||mu_w - mu_syn||^2 / d mu_w: nearly free, and so is DM's own "prototype" target (the margin of
+each real embedding towards its labelled class's mean over the iteration's batches; it finds flipped
+labels where the explicit score does not). Validation and self targets score the real batch at the
+same random network through a captured backward of its classification losses to the layer outputs
+(an extra forward/backward on scoring steps).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 
 from ..scoring import capture
 from ..weighting.dropin import weighted_class_mean
-from ..weighting.targets import implicit_direction, matching_direction
+from ..weighting.targets import implicit_direction, matching_direction, prototype_margin
 from ..runtime import MethodStreams, Stream, mix_seed
 from .base import Distiller, build_net
 
@@ -44,14 +46,20 @@ class DistributionMatching(Distiller):
             with self.iwd.timer.phase("scoring"), _trainable(net):
                 val_dir = self.iwd.validation_direction(net, pool, scale=cfg.lr_net)
         loss = torch.zeros((), device=self.device)
+        batches = []  # (indices, real embeddings) of every class: the prototype target scores them together
         for c in range(pool.num_classes):
-            loss = loss + self._class_term(net, c, scoring, val_dir)
+            loss = loss + self._class_term(net, c, scoring, val_dir, batches)
+        if scoring and self.iwd.target == "prototype":
+            with self.iwd.timer.phase("scoring"):
+                idx = torch.cat([i for i, _ in batches])
+                self.iwd.update(idx, prototype_margin(torch.cat([e for _, e in batches]), pool.labels[idx],
+                                                      pool.num_classes))
         self.opt_img.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_img.step()
         return {"match_loss": float(loss.detach()) / pool.num_classes}
 
-    def _class_term(self, net, c: int, scoring: bool, val_dir) -> torch.Tensor:
+    def _class_term(self, net, c: int, scoring: bool, val_dir, batches: list) -> torch.Tensor:
         cfg, pool, syn, iwd = self.cfg, self.pool, self.syn, self.iwd
         idx = self.sampler.sample(c, cfg.batch_real).to(self.device)
         w = iwd.batch_weights(idx, self.device) if iwd is not None else None
@@ -61,7 +69,9 @@ class DistributionMatching(Distiller):
         emb_real = net.embed(x_real).detach()
         real_mean = weighted_class_mean(emb_real, w, validate=False)
         emb_syn = net.embed(self._augment(s_c, seed))
-        if not scoring:
+        if scoring and iwd.target == "prototype":
+            batches.append((idx, emb_real))
+        if not scoring or iwd.target == "prototype":
             return mean_distance(real_mean, emb_syn)
         with iwd.timer.phase("scoring"):
             if iwd.target in ("explicit", "implicit"):

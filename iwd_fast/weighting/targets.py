@@ -8,6 +8,9 @@ METHOD.md section 2, every target as <g_i, v> (or ||g_i||^2):
                class, by central finite difference (``jvp_fd``) or exactly by double backward (``jvp_exact``).
 * "validation" (2c) v = eta * grad_theta L_V: first-order benefit of an instance for a held-out loss.
 * "self"       (2e) ||g_i||^2: per-sample gradient norm (small = more trusted).
+* "prototype"  DM's own signal (METHOD.md 2f): <f^_i, mu_{y_i} - mu_{k*}>, the margin by which an instance's
+               normalised embedding at DM's random network agrees with its labelled class's mean over the
+               iteration's real batches rather than the nearest other class's; no backward, nearly free.
 
 Raw scores returned here are those the weighter expects (see ``iwd_fast.weighting.sign_for``):
 influence on the distillation loss for explicit/implicit, benefit for validation, norm for self.
@@ -22,9 +25,10 @@ import torch.nn.functional as F
 from ..scoring import grad_dot, grad_norm_sq
 
 __all__ = ["TARGETS", "DISTILL_TARGETS", "check_target", "jvp_fd", "jvp_exact", "implicit_direction", "exact_influence",
-           "validation_gradient", "validation_directions", "instance_scores", "matching_direction", "embedding_influence"]
+           "validation_gradient", "validation_directions", "instance_scores", "matching_direction", "embedding_influence",
+           "prototype_margin"]
 
-TARGETS = ("explicit", "implicit", "validation", "self")
+TARGETS = ("explicit", "implicit", "validation", "self", "prototype")
 DISTILL_TARGETS = ("explicit", "implicit")
 
 VectorFn = Callable[[torch.Tensor, bool], Sequence[torch.Tensor]]  # (S, create_graph) -> direction
@@ -128,6 +132,34 @@ def embedding_influence(real_embeddings: torch.Tensor, synthetic_embeddings: tor
     mu = (w[:, None] * f).sum(0) / w.sum()
     v = 2.0 * (mu - synthetic_embeddings.detach().double().mean(0))
     return ((f - mu) @ v) / w.sum()
+
+
+def prototype_margin(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The "prototype" score: how much more an instance's embedding agrees with its own class than with any other.
+
+    With f^_i = f_i / ||f_i|| and mu_c the mean of f^_j over the instances labelled c (the class prototypes, from
+    these embeddings themselves): s_i = <f^_i, mu_{y_i}> - max_{k != y_i} <f^_i, mu_k>. A mislabelled image sits
+    near its true class's prototype, so its margin is negative (measured on DM's random ConvNets, Fashion-MNIST
+    with 40% symmetric noise: AUROC 0.94 from one network, benchmarks/RESULTS.md).
+
+    Args:
+        embeddings: [B, F] real embeddings of one iteration (every class's batch together).
+        labels: int64 [B] in [0, num_classes); every class present at least once.
+    Returns:
+        float64 [B]; larger = more trusted.
+    """
+    f = F.normalize(embeddings.detach().double(), dim=1)
+    labels = labels.to(f.device)
+    counts = torch.bincount(labels, minlength=num_classes)
+    if bool((counts == 0).any()):
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"prototype_margin: classes {missing} have no embeddings in the batch")
+    means = torch.zeros(num_classes, f.shape[1], dtype=f.dtype, device=f.device).index_add_(0, labels, f)
+    sim = f @ (means / counts[:, None].to(f.dtype)).T
+    rows = torch.arange(f.shape[0], device=f.device)
+    own = sim[rows, labels]
+    sim[rows, labels] = -torch.inf
+    return (own - sim.max(dim=1).values).cpu() if num_classes > 1 else torch.zeros_like(own).cpu()
 
 
 def validation_gradient(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,

@@ -24,6 +24,7 @@ their target and take ``sign`` from :func:`sign_for`:
 | validation | benefit -I_i (alignment with the held-out descent direction) | auto -> +1 |
 | self | squared per-sample gradient norm ||g_i||^2 | auto -> -1 (small norm = trusted) |
 | crossfit | out-of-sample margin max_{k != y} p_ik - p_iy | auto -> -1 (small margin = trusted) |
+| prototype | embedding margin <f^_i, mu_y - mu_k*> (DM) | auto -> +1 (agrees with its class = trusted) |
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ SIGN_POLICIES: Dict[str, Dict[str, int]] = {
     "validation": {"auto": +1},
     "self": {"auto": -1},
     "crossfit": {"auto": -1},  # out-of-sample margin (iwd_fast.weighting.trust): large = suspected wrong label
+    "prototype": {"auto": +1},  # DM's embedding margin (targets.prototype_margin): large = agrees with its class
 }
 
 _FORMAT = "iwd_fast.InfluenceWeighter/1"

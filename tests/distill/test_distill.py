@@ -255,3 +255,13 @@ def test_prune_and_relabel_baselines_change_the_pool_as_described(tiny_splits):
     assert relabelled["flipped_share"] < 0.75 * plain["flipped_share"]  # it fixes far more labels than it breaks
     with pytest.raises(ValueError, match="baseline that distils the cleaned pool unweighted"):
         run_distillation(_auto(0.4, pool_cleaning="prune").replace(weighting="auto"), tiny_splits, progress=False)
+
+
+def test_dm_prototype_target_moves_weight_off_flipped_labels(tiny_splits):
+    iwd = IWDSpec(influence="prototype", refresh=1, init="random", temperature=0.5)
+    cfg = smoke("dm", noise=0.4, iterations=24, weighting="iwd", iwd=iwd, net=NetSpec(width=16))
+    out = run_distillation(cfg, tiny_splits, progress=False, evaluate=False)
+    assert out["scored_fraction"] == 1.0  # the EMA over 24 random networks
+    assert out["auroc_flipped"] > 0.9 and out["weight_on_flipped"] < 0.25 * out["flipped_share"]
+    with pytest.raises(ValueError, match="method dm only"):
+        run_distillation(smoke("dc", weighting="iwd", iwd=iwd), tiny_splits, progress=False)

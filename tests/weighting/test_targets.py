@@ -90,3 +90,29 @@ def test_implicit_direction_matches_autograd_through_the_look_ahead(problem, exa
     ratio = float(correction_got @ correction_exact / (correction_exact @ correction_exact))
     assert ratio == pytest.approx(1.0, abs=0.05), ratio
     assert (got - look_ahead).abs().max() < 0.1 * correction_exact.abs().max()
+
+
+def test_prototype_margin_by_hand_and_against_a_loop():
+    # two classes in 2-D: instance 3 is labelled 1 but points where class 0 lives
+    e = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [1.0, 0.05]])
+    y = torch.tensor([0, 0, 1, 1])
+    from iwd_fast.weighting.targets import prototype_margin
+    got = prototype_margin(e, y, 2)
+    assert got[:3].gt(0).all() and got[3] < 0
+    # instance 0 = (1, 0): its class mean is ((1, 0) + (0.9, 0.1)/|.|) / 2, the other's ((0, 1) + (1, 0.05)/|.|) / 2
+    own = (1.0 + 0.9 / (0.82 ** 0.5)) / 2
+    other = (0.0 + 1.0 / (1.0025 ** 0.5)) / 2
+    assert float(got[0]) == pytest.approx(own - other, rel=1e-6)
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(23, 5, generator=g, dtype=torch.float64)
+    y = torch.arange(23) % 4
+    want = torch.zeros(23, dtype=torch.float64)
+    f = [v / v.norm() for v in e]
+    mu = [sum(f[j] for j in range(23) if y[j] == c) / int((y == c).sum()) for c in range(4)]
+    for i in range(23):
+        own = float(f[i] @ mu[int(y[i])])
+        other = max(float(f[i] @ mu[c]) for c in range(4) if c != int(y[i]))
+        want[i] = own - other
+    torch.testing.assert_close(prototype_margin(e, y, 4), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"classes \[3\] have no embeddings"):
+        prototype_margin(e[y < 3], y[y < 3], 4)
