@@ -202,7 +202,7 @@ def test_sign_policies():
     assert sign_for("explicit", "consistent") == -1 and sign_for("explicit", "auto") == -1
     assert sign_for("implicit", "auto") == -1
     assert sign_for("validation", "auto") == 1 and sign_for("self", "auto") == -1 and sign_for("crossfit") == -1
-    assert set(W.SIGN_POLICIES) == {"explicit", "implicit", "validation", "self", "crossfit"}
+    assert set(W.SIGN_POLICIES) == {"explicit", "implicit", "validation", "self", "crossfit", "prototype"}
     for target, policy in (("validation", "informative"), ("self", "consistent"), ("bogus", "auto"),
                            ("explicit", "bogus")):
         with pytest.raises(ValueError):
