@@ -126,6 +126,29 @@ void check_cpu_dtype(const char* op, const at::Tensor& t) {
               " is not supported on CPU; use float32 or float64 (float16/bfloat16 run on CUDA only)");
 }
 
+// The "gradient" route of reference.conv_dot (reference.choose_conv_route picks it with the same rule):
+// per chunk of samples, the per-sample weight gradients G_i = delta_i im2col(x_i)^T (one batched GEMM),
+// then s[i, k] = <G_i, V_k> (one GEMM): K directions for the price of one, where K convolutions cost more.
+// Chunks run one after another with the GEMMs parallel inside; every sum has a fixed order.
+at::Tensor conv_dot_by_gradient(const ConvDims& c, const at::Tensor& x, const at::Tensor& v, const at::Tensor& delta,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t P = c.Ho * c.Wo;
+  const int64_t width = c.Cin_g * c.kh * c.kw;
+  const at::Tensor vk = v.reshape({c.K, c.Cout * width}).t();  // [Cout * width, K]
+  at::Tensor out = at::empty({c.B, c.K}, x.options());
+  const int64_t per_sample = (c.Cout * width + c.Cin * c.kh * c.kw * P) * static_cast<int64_t>(x.element_size());
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{32} << 20) / std::max<int64_t>(1, per_sample));
+  for (int64_t first = 0; first < c.B; first += chunk) {
+    const int64_t n = std::min(chunk, c.B - first);
+    const at::Tensor cols = at::im2col(x.narrow(0, first, n).contiguous(), {c.kh, c.kw}, dilation, padding, stride)
+                                .reshape({n * c.groups, width, P});  // im2col rows are channel-major: groups first
+    const at::Tensor d = delta.narrow(0, first, n).reshape({n * c.groups, c.cpg, P});
+    const at::Tensor grads = at::bmm(d, cols.transpose(1, 2));  // [n * groups, cpg, width]
+    out.narrow(0, first, n).copy_(at::mm(grads.reshape({n, c.Cout * width}), vk));
+  }
+  return out;
+}
+
 at::Tensor conv_dot_cpu(const at::Tensor& x, const at::Tensor& v, const at::Tensor& delta, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvDims c = check_conv_dot(x, v, delta, stride, padding, dilation, groups);
@@ -133,6 +156,7 @@ at::Tensor conv_dot_cpu(const at::Tensor& x, const at::Tensor& v, const at::Tens
   at::Tensor out = at::zeros({c.B, c.K}, x.options());
   const int64_t P = c.Ho * c.Wo;
   if (c.B == 0 || c.K == 0 || c.Cout == 0 || c.Cin == 0 || P == 0) return out;
+  if (c.K * P > P + c.K + 16) return conv_dot_by_gradient(c, x, v, delta, stride, padding, dilation);
 
   // Directions stacked along the output channels, each group's K*cpg channels together:
   // [K, Cout, Cin_g, kh, kw] -> [groups * K * cpg, Cin_g, kh, kw]; row (g*K + k)*cpg + cc is v[k, g*cpg + cc].

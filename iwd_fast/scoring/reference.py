@@ -25,6 +25,7 @@ __all__ = [
     "linear_grad_norm_sq",
     "conv_unfold",
     "choose_norm_method",
+    "choose_conv_route",
     "conv_hyperparameters",
 ]
 
@@ -39,10 +40,17 @@ def conv_dot(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int = 1,
+    route: str = "auto",
 ) -> torch.Tensor:
-    """Per-sample <dL_i/dW, V_k> of a convolution, without materialising per-sample gradients.
+    """Per-sample <dL_i/dW, V_k> of a convolution.
 
-    s[i, k] = sum_{c, pos} conv(x_i; V_k)[c, pos] * delta_i[c, pos]
+    Two exact routes (``choose_conv_route``):
+
+    - "forward": s[i, k] = sum_{c, pos} conv(x_i; V_k)[c, pos] * delta_i[c, pos], one forward-sized
+      convolution per direction (K of them stacked along the output channels); no per-sample gradient.
+    - "gradient": the layer's per-sample weight gradient G_i = delta_i cols(x_i)^T (one batched GEMM over
+      chunks of samples, cols = im2col), then s[i, k] = <G_i, V_k>: the K directions cost one small GEMM
+      instead of K convolutions. 1d and 2d convolutions only.
 
     Args:
         x: layer input [B, Cin, *spatial] (1, 2 or 3 spatial dims).
@@ -50,10 +58,18 @@ def conv_dot(
         delta: gradient at the layer output [B, Cout, *out_spatial].
         stride, padding, dilation: per spatial dim, as the layer used them (ints, not strings).
         groups: the layer's groups.
+        route: "forward", "gradient" or "auto".
     Returns:
         [B, K] in the dtype of ``x``.
     """
     nd = x.dim() - 2
+    positions = math.prod(delta.shape[2:])
+    if route == "auto":
+        route = choose_conv_route(v.shape[0], positions) if nd <= 2 else "forward"
+    if route == "gradient":
+        return _conv_dot_by_gradient(x, v, delta, stride, padding, dilation, groups)
+    if route != "forward":
+        raise ValueError(f"conv_dot: unknown route {route!r} (forward, gradient, auto)")
     k, cout = v.shape[0], v.shape[1]
     b = x.shape[0]
     # Stack the K directions along the output channels, keeping each group's channels together:
@@ -65,6 +81,38 @@ def conv_dot(
     y = y.reshape(b, groups, k, cpg, positions)
     d = delta.reshape(b, groups, 1, cpg, positions)
     return (y * d).sum(dim=(1, 3, 4))
+
+
+def choose_conv_route(k: int, positions: int) -> str:
+    """"gradient" iff its work per weight entry and sample, P (the GEMM) + K (the dots) + 16 (writing and
+    reading the per-sample gradient once), is below the forward route's K * P (K convolutions). K = 1
+    always takes "forward"."""
+    return "gradient" if k * positions > positions + k + 16 else "forward"
+
+
+# Samples per chunk of the gradient route: its per-sample gradients and im2col buffer stay near this size.
+_GRADIENT_ROUTE_BYTES = 32 * 2 ** 20
+
+
+def _conv_dot_by_gradient(x, v, delta, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """conv_dot's "gradient" route (1d/2d): chunked per-sample weight gradients contracted with V."""
+    k, cout = v.shape[0], v.shape[1]
+    b = x.shape[0]
+    cpg = cout // groups
+    width = v[0, 0].numel()  # Cin/groups * prod(kernel)
+    vk = v.reshape(k, groups * cpg * width).transpose(0, 1)  # [Cout * width, K]
+    out = x.new_zeros(b, k)
+    per_sample = (cout * width + x.shape[1] * math.prod(v.shape[3:]) * math.prod(delta.shape[2:])) * x.element_size()
+    chunk = max(1, _GRADIENT_ROUTE_BYTES // max(per_sample, 1))
+    for first in range(0, b, chunk):
+        xs, ds = x[first:first + chunk], delta[first:first + chunk]
+        n = xs.shape[0]
+        cols = conv_unfold(xs, tuple(v.shape[3:]), stride, padding, dilation)  # [n, P, Cin * kernel]
+        cols = cols.reshape(n, -1, groups, width).permute(0, 2, 3, 1).reshape(n * groups, width, -1)
+        d = ds.reshape(n * groups, cpg, -1)  # [n * groups, cpg, P]
+        grads = torch.bmm(d, cols.transpose(1, 2))  # [n * groups, cpg, width]
+        out[first:first + n] = grads.reshape(n, -1) @ vk
+    return out
 
 
 def conv_hyperparameters(stride, padding, dilation, nd: int, op: str = "conv_dot") -> tuple:
