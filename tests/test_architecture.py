@@ -29,7 +29,7 @@ def layer_of(module: str) -> str:
     for name in ("scoring", "kernels", "weighting", "distill", "app"):
         if module == f"iwd_fast.{name}" or module.startswith(f"iwd_fast.{name}."):
             return name
-    if module.startswith(SUPPORT):
+    if any(module == m or module.startswith(m + ".") for m in SUPPORT):
         return "support"
     raise AssertionError(f"module {module} belongs to no layer: add it to docs/DESIGN.md and this test")
 
@@ -52,14 +52,29 @@ def _modules():
 MODULES = _modules()
 
 
+IMPORT_CALLS = ("importlib.import_module", "import_module", "__import__")
+
+
+def _called_name(func: ast.expr) -> str:
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+        return f"{func.value.id}.{func.attr}"
+    return ""
+
+
 def imports_of(module: str, source: str, is_package: bool):
-    """[(imported module, line)] of every import statement, relative ones resolved, at any depth.
+    """[(imported module, line)] of every import statement, relative ones resolved, at any depth, and of every
+    ``importlib.import_module("...")`` / ``__import__("...")`` with a literal name.
 
     ``from pkg import name`` counts as importing ``pkg.name`` when that is a module, else ``pkg``."""
     package = module if is_package else module.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Call) and _called_name(node.func) in IMPORT_CALLS and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            found.append((node.args[0].value, node.lineno))
+        elif isinstance(node, ast.Import):
             found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
@@ -82,6 +97,12 @@ def violations(module: str, source: str, is_package: bool = False):
     for target, line in imports_of(module, source, is_package):
         top = target.split(".")[0]
         where = f"{module}:{line} imports {target}"
+        if top == "kernels":
+            bad.append(f"{where}: the Triton kernels are iwd_fast.kernels (a top-level 'kernels' is another project)")
+            continue
+        if target == "iwd_fast" and mine not in ("app", "top"):
+            bad.append(f"{where}: only the app layer imports the package's top level (it imports every layer)")
+            continue
         if top != "iwd_fast":
             if mine in ("scoring", "kernels") and top not in stdlib and top not in ("torch", "triton"):
                 bad.append(f"{where}: the engine imports torch (and triton in its backend) only")
@@ -94,7 +115,7 @@ def violations(module: str, source: str, is_package: bool = False):
             continue  # "from pkg import name" where name is not a module
         if RANKS[theirs] > RANKS[mine]:
             bad.append(f"{where}: layer {mine} may not import layer {theirs}")
-        if mine == "support" and theirs == "scoring" and target not in ("iwd_fast.scoring", "iwd_fast.scoring.checks"):
+        if mine == "support" and theirs == "scoring" and target != "iwd_fast.scoring.checks":
             bad.append(f"{where}: data/networks/evaluate/runtime use only scoring.checks of the engine")
         if theirs == "kernels" and mine != "kernels" and module != "iwd_fast.scoring.backends.triton_ops":
             bad.append(f"{where}: only scoring.backends.triton_ops imports the Triton kernels")
@@ -127,10 +148,37 @@ def test_every_import_runs_down_the_layers():
     ("iwd_fast.scoring.backends.compiled_ops", "from . import triton_ops\n", "never import each other"),
     ("iwd_fast.scoring.rules", "from .. import kernels\n", "only scoring.backends.triton_ops"),
     ("iwd_fast.scoring.api", "def f():\n    import triton\n", "only the Triton backend"),
+    ("iwd_fast.data.loaders", "from ..scoring import grad_dot\n", "only scoring.checks"),
+    ("iwd_fast.runtime", "from iwd_fast import grad_dot\n", "only the app layer imports the package's top level"),
+    ("iwd_fast.distill.base", "import kernels\n", "another project"),
+    ("iwd_fast.app.cli", "from kernels.conv_dot import conv_dot\n", "another project"),
+    ("iwd_fast.scoring.api", "import importlib\nm = importlib.import_module('iwd_fast.app.cli')\n",
+     "may not import layer app"),
+    ("iwd_fast.weighting.targets", "__import__('iwd_fast.distill')\n", "may not import layer distill"),
 ])
 def test_checker_flags_wrong_arrows(module, source, needle):
     found = violations(module, source)
     assert any(needle in v for v in found), found
+
+
+def test_layers_are_matched_at_a_dot_boundary():
+    assert layer_of("iwd_fast.data.loaders") == "support" and layer_of("iwd_fast.data") == "support"
+    with pytest.raises(AssertionError, match="belongs to no layer"):
+        layer_of("iwd_fast.database")  # shares a prefix with iwd_fast.data, not its layer
+    with pytest.raises(AssertionError, match="belongs to no layer"):
+        layer_of("iwd_fast.networks_extra")
+
+
+@pytest.mark.parametrize("module,source", [
+    ("iwd_fast.data.loaders", "from ..scoring.checks import format_indices\n"),
+    ("iwd_fast.app.score.inputs", "import importlib\nm = importlib.import_module(module_name)\n"),
+    ("iwd_fast.__main__", "from iwd_fast.app.cli import main\n"),
+    ("iwd_fast.app.env", "from .. import __version__\n"),
+])
+def test_checker_accepts_right_arrows(module, source):
+    assert violations(module, source) == []
+
+
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
