@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process")
     b.add_argument("--threads", type=int, default=1, help="torch threads per cell (jobs x threads <= cores)")
     b.add_argument("--shard", default=None, help="i/n: run only cells i, i+n, ... (a scheduler's array index)")
+    b.add_argument("--variants", default=None, metavar="A,B",
+                   help="run only the cells of these variants now (the others wait for a later call); results.jsonl "
+                        "still holds every finished cell")
     b.add_argument("--data-root", default=None, help="folder with the datasets' standard files")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -86,6 +86,16 @@ def test_shards_resume_and_one_aggregate(spec, tmp_path):
         load_rows(str(mixed))
 
 
+def test_variants_run_first_on_request(spec, tmp_path):
+    out = tmp_path / "suite"
+    first = run_bench(spec, str(out), progress=False, variants=["unweighted"])
+    assert first["ran"] == 4 and {r["variant"] for r in first["rows"]} == {"unweighted"}
+    second = run_bench(spec, str(out), progress=False)
+    assert second["ran"] == 4 and second["finished"] == 8
+    with pytest.raises(ValueError, match=r"--variants names \['bogus'\]"):
+        run_bench(spec, str(out), progress=False, variants=["bogus"])
+
+
 def test_paired_statistics_match_scipy():
     from scipy import stats
 

@@ -21,7 +21,6 @@ def test_distill_then_evaluate(tmp_path, method, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method and config["seed"] == 3 and config["noise"] == 0.2
     summary = json.loads((out / "summary.json").read_text())
-    assert 0.0 <= summary["accuracy"]["mean"] <= 1.0
     assert "test_accuracy" in capsys.readouterr().out
     # evaluate with its defaults reproduces the run's own accuracy, exactly; other settings are other networks
     assert main(["evaluate", str(out), "--quiet"]) == 0

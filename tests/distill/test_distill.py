@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from iwd_fast.distill.config import DistillConfig, IWDSpec, NetSpec
 from iwd_fast.data import DatasetSplits
-from iwd_fast.app.distill_job import run_distillation
+from iwd_fast.app.distill_job import evaluate_images, run_distillation, subset_splits
 from iwd_fast.distill.gradient_matching import layerwise_distance
 from iwd_fast.weighting.dropin import weighted_cross_entropy
 from iwd_fast.networks import build_network
@@ -29,9 +29,14 @@ def test_every_method_and_target_runs(tiny_splits, method, influence):
     iwd = IWDSpec(influence="validation" if influence == "none" else influence, init="weighted", warmup_steps=2)
     cfg = smoke(method, weighting=weighting, iwd=iwd, noise=0.25)
     out = run_distillation(cfg, tiny_splits, progress=False)
-    assert out["synthetic"]["images"].shape == (4 * 2, 1, 8, 8)
+    start = initial_images(cfg, tiny_splits)
+    assert out["synthetic"]["images"].shape == start.shape == (4 * 2, 1, 8, 8)
     assert torch.isfinite(out["synthetic"]["images"]).all()
-    assert 0.0 <= out["accuracy"]["mean"] <= 1.0
+    assert (out["synthetic"]["images"] - start).abs().amax(dim=(1, 2, 3)).gt(0).all()  # every image was distilled
+    # the reported accuracy is what an evaluation of the returned images with the run's networks gives
+    ev = evaluate_images(cfg, out["synthetic"]["images"], out["synthetic"]["labels"],
+                         subset_splits(tiny_splits, cfg).test, torch.device("cpu"))
+    assert ev["accs"] == out["accuracy"]["accs"]
     if weighting == "iwd":
         w = out["weights"]
         assert out["scored_fraction"] > 0
@@ -42,6 +47,18 @@ def test_every_method_and_target_runs(tiny_splits, method, influence):
         assert out["timing_seconds"]["scoring"] > 0
     else:
         assert out["weights"] is None
+
+
+def initial_images(cfg, splits):
+    """The real images [C * ipc, ...] a run of ``cfg`` starts its synthetic set from."""
+    from iwd_fast.distill.pool import initial_indices, prepare_pool
+    from iwd_fast.distill.warmup import warmup_weights
+    from iwd_fast.distill.config import needs_warmup
+    from iwd_fast.runtime import PhaseTimer
+
+    pool = prepare_pool(cfg, subset_splits(splits, cfg), torch.device("cpu"))
+    warmup = warmup_weights(cfg, pool, torch.device("cpu"), PhaseTimer()) if needs_warmup(cfg) else None
+    return pool.images[initial_indices(cfg, pool, warmup)["indices"]]
 
 
 def out_labels(cfg, splits):

@@ -27,7 +27,7 @@ def test_cli_runs_each_method(shared_cwd, monkeypatch, capsys, method, weighting
                  "--weighting", weighting, "--noise", "0.2", "--seed", "1", "--out", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
-    assert 0.0 <= summary["accuracy"]["mean"] <= 1.0 and summary["config"]["method"] == method
+    assert summary["config"]["method"] == method
     assert (out / "synthetic.safetensors").is_file() and (out / "weights.safetensors").is_file() == (weighting == "iwd")
     if method in ("mtt", "datm"):
         facts = summary["method"]
@@ -39,9 +39,10 @@ def test_cli_runs_each_method(shared_cwd, monkeypatch, capsys, method, weighting
             assert facts["experts"]["buffer"] != two["unweighted_buffer"]
     if method == "idc":
         assert summary["method"]["idc_decoded_per_class"] == 8
-    # re-evaluation from the run folder trains on what the method trains on (decoded set, soft labels)
-    assert main(["evaluate", str(out), "--num-nets", "1", "--epochs", "1", "--quiet"]) == 0
-    assert json.loads((out / "evaluation.json").read_text())["protocol"]["num_nets"] == 1
+    # re-evaluation from the run folder trains on what the method trains on (decoded set, soft labels): with the
+    # run's own networks it reproduces the reported accuracy exactly
+    assert main(["evaluate", str(out), "--quiet"]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["accs"] == summary["accuracy"]["accs"]
 
 
 def _smoke(method, tmp_path, **changes):
@@ -67,15 +68,18 @@ def test_resume_is_bit_for_bit(tmp_path, tiny_splits, method):
 
 
 def test_datm_trains_and_evaluates_soft_labels(tmp_path, tiny_splits):
-    out = run_distillation(_smoke("datm", tmp_path, iterations=2), tiny_splits, out_dir=str(tmp_path / "run"),
-                           progress=False)
     from safetensors.torch import load_file
 
+    out = run_distillation(_smoke("datm", tmp_path, iterations=2), tiny_splits, out_dir=str(tmp_path / "run"),
+                           progress=False)
+    run_distillation(_smoke("datm", tmp_path, iterations=0), tiny_splits, out_dir=str(tmp_path / "start"),
+                     progress=False, evaluate=False)
     saved = load_file(str(tmp_path / "run" / "synthetic.safetensors"))
+    start = load_file(str(tmp_path / "start" / "synthetic.safetensors"))["label_logits"]
     soft = saved["eval_targets"]
-    assert soft.shape == (8, 4) and torch.allclose(soft.sum(1), torch.ones(8))
-    assert not torch.equal(saved["label_logits"].argmax(1) * 0, saved["label_logits"])  # learned logits, not one-hot
-    assert out["method"]["datm_label_init_accuracy"] >= 0
+    torch.testing.assert_close(soft, torch.softmax(saved["label_logits"], dim=1))  # evaluated on the soft labels
+    assert out["method"]["datm_skipped_updates"] < 2  # at least one update was taken ...
+    assert (saved["label_logits"] - start).abs().max() > 1e-4  # ... and it moved the label logits
 
 
 def test_zca_whitens_pool_and_test_alike(tmp_path, tiny_splits):
