@@ -18,6 +18,7 @@ median floor), with the loop overhead as a share of the unweighted loop beside i
 ``cpu`` preset's networks and batches, few iterations), not the field's protocol.
 
     python benchmarks/bench_scoring_cost.py --threads 1                      # dc dsa idc dm, Fashion-MNIST
+    python benchmarks/bench_scoring_cost.py --methods dm:prototype --noise 0.4   # DM's own target (METHOD.target)
     python benchmarks/bench_scoring_cost.py --methods dc --rounds 5
     python benchmarks/bench_scoring_cost.py --quick                          # seconds: digits, smoke preset
     python benchmarks/bench_scoring_cost.py --table                          # the table of the stored rows
@@ -54,13 +55,15 @@ def scored_steps(cfg) -> int:
     return cfg.iterations * per_iteration[cfg.method]
 
 
-def run_pair(cfg, splits, classes: int, rounds: int) -> Dict[str, List[Dict[str, float]]]:
+def run_pair(cfg, splits, classes: int, rounds: int, influence: str = "validation") -> Dict[str, list]:
     """The phase seconds of the unweighted and the refresh-1 run (evaluation off), ``rounds`` times each
-    after a warm-up round, alternating order."""
+    after a warm-up round, alternating order; "auroc" holds the refresh-1 runs' AUROC for the flipped labels
+    (None without noise)."""
     variants = {"unweighted": cfg.replace(weighting="none"),
                 "refresh 1": cfg.replace(weighting="iwd", iwd=dataclasses.replace(cfg.iwd, refresh=1, init="random",
-                                                                                       influence="validation"))}
-    out: Dict[str, List[Dict[str, float]]] = {k: [] for k in variants}
+                                                                                       influence=influence))}
+    out: Dict[str, list] = {k: [] for k in variants}
+    out["auroc"] = []
     order = list(variants.items())
     for r in range(rounds + 1):  # round 0 warms up (first calls, allocator) and is not kept
         for name, c in (order if r % 2 == 0 else order[::-1]):
@@ -69,6 +72,8 @@ def run_pair(cfg, splits, classes: int, rounds: int) -> Dict[str, List[Dict[str,
                 _check_scored_steps(c, s, classes)
             if r:
                 out[name].append(dict(s["timing_seconds"]))
+                if name == "refresh 1":
+                    out["auroc"].append(s.get("auroc_flipped"))
     return out
 
 
@@ -89,11 +94,13 @@ def breakdown_ms(unweighted: Dict[str, float], scored: Dict[str, float], steps: 
 
 def _check_scored_steps(cfg, summary, classes: int) -> None:
     """The validation target computes one held-out direction per scored step and scores num_classes real
-    batches: the "scoring" phase is entered (num_classes + 1) times per step. Refuse a count that disagrees."""
+    batches: the "scoring" phase is entered (num_classes + 1) times per step; DM's prototype target scores
+    every class's batch at once: once per step. Refuse a count that disagrees."""
     calls = summary["timing_calls"].get("scoring", 0)
-    if calls != scored_steps(cfg) * (classes + 1):
+    per_step = 1 if cfg.iwd.influence == "prototype" else classes + 1
+    if calls != scored_steps(cfg) * per_step:
         raise RuntimeError(f"{cfg.method}: {calls} scoring calls, expected {scored_steps(cfg)} steps x "
-                           f"({classes} + 1): the scored-step count of this benchmark is out of date")
+                           f"{per_step}: the scored-step count of this benchmark is out of date")
 
 
 def floor_ms(cfg, splits, classes: int, repeats: int) -> Dict[str, float]:
@@ -121,12 +128,16 @@ def floor_ms(cfg, splits, classes: int, repeats: int) -> Dict[str, float]:
             "forward_real_ms": statistics.median(fwd), "heldout_ms": statistics.median(ho)}
 
 
-def measure(method: str, args) -> Dict[str, object]:
+def measure(entry: str, args) -> Dict[str, object]:
+    """One row: ``entry`` is METHOD (validation target) or METHOD:TARGET."""
+    method, _, influence = entry.partition(":")
+    influence = influence or "validation"
     cfg = preset_config(args.preset, method, args.dataset, args.ipc)
-    cfg = cfg.replace(iterations=args.iterations or DEFAULT_ITERATIONS[method], seed=args.seed, eval_every=0)
+    cfg = cfg.replace(iterations=args.iterations or DEFAULT_ITERATIONS[method], seed=args.seed, eval_every=0,
+                      noise=args.noise)
     splits = load_splits(cfg)
     classes = int(splits.train.labels.max()) + 1
-    loops = run_pair(cfg, splits, classes, args.rounds)
+    loops = run_pair(cfg, splits, classes, args.rounds, influence)
     floor = floor_ms(cfg, splits, classes, args.floor_repeats)
     steps = scored_steps(cfg)
     pairs = list(zip(loops["unweighted"], loops["refresh 1"]))
@@ -135,7 +146,8 @@ def measure(method: str, args) -> Dict[str, object]:
     shares = [(loop_seconds(w) - loop_seconds(u)) / loop_seconds(u) for u, w in pairs]
     parts = [breakdown_ms(u, w, steps) for u, w in pairs]
     breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-    return {"method": method, "dataset": args.dataset, "preset": args.preset, "ipc": args.ipc,
+    return {"method": method, "influence": influence, "noise": args.noise, "auroc_flipped": loops["auroc"],
+            "dataset": args.dataset, "preset": args.preset, "ipc": args.ipc,
             "iterations": cfg.iterations, "scored_steps": steps, "batch_real": cfg.batch_real,
             "heldout_batch": cfg.iwd.heldout_batch, "net": dataclasses.asdict(cfg.net),
             "phase_seconds": loops, "overhead_ms_per_step": per_step, "floor": floor,
@@ -146,20 +158,27 @@ def measure(method: str, args) -> Dict[str, object]:
 
 
 def table(rows: List[Dict[str, object]]) -> str:
-    body = [[r["method"], r["dataset"], r["scored_steps"], f"{statistics.median(r['overhead_ms_per_step']):.1f}",
+    body = [[r["method"], r.get("influence", "validation"), r["dataset"], r["scored_steps"], f"{statistics.median(r['overhead_ms_per_step']):.1f}",
              f"{r['floor']['median_ms']:.1f} ({r['floor']['forward_real_ms']:.1f} + {r['floor']['heldout_ms']:.1f})",
              "{captured_real_side_ms:.1f} / {scoring_phase_ms:.1f} / {rest_ms:.1f}".format(**r["overhead_breakdown_ms_per_step"]),
              f"{r['ratio_min']:.2f} / {r['ratio_median']:.2f}", f"{100 * r['share_min']:.0f} / {100 * r['share_median']:.0f}",
-             r["rounds"]] for r in rows]
-    return markdown_table(["method", "dataset", "scored steps", "overhead ms / step (median)",
+             _auroc(r), r["rounds"]] for r in rows]
+    return markdown_table(["method", "target", "dataset", "scored steps", "overhead ms / step (median)",
                            "floor ms (real forward + held-out fwd+bwd)",
                            "overhead ms: captured real side / scoring phase / rest", "overhead / floor (min / median)",
-                           "overhead % of unweighted loop (min / median)", "rounds"], body)
+                           "overhead % of unweighted loop (min / median)", "AUROC flipped (noise)", "rounds"], body)
+
+
+def _auroc(row) -> str:
+    values = [a for a in row.get("auroc_flipped") or [] if a is not None]
+    return f"{statistics.median(values):.2f} ({row['noise']:.0%})" if values else "-"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=["dc", "dsa", "idc", "dm"])
+    p.add_argument("--methods", nargs="+", default=["dc", "dsa", "idc", "dm", "dm:prototype"],
+                   help="METHOD (validation target) or METHOD:TARGET")
+    p.add_argument("--noise", type=float, default=0.0, help="label noise (symmetric) of the runs; > 0 reports AUROC")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--ipc", type=int, default=10)

@@ -13,6 +13,7 @@ Python, and shape-aware defaults on a GPU.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -102,7 +103,9 @@ def _wrap(kernel: Any) -> Any:
         return kernel
     try:
         return wrap(kernel)
-    except RuntimeError:  # older torch rejects interpreter kernels; they are eager-only anyway
+    except RuntimeError as err:  # e.g. a torch that rejects interpreter kernels: they still run, eagerly
+        warnings.warn(f"iwd_fast.kernels: torch.library.wrap_triton refused {getattr(kernel, '__name__', kernel)} "
+                      f"({err}); it runs eagerly, invisible to torch.compile", RuntimeWarning, stacklevel=2)
         return kernel
 
 

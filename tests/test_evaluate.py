@@ -70,7 +70,7 @@ def test_train_network_reproducible_and_seed_dependent():
     assert torch.equal(w0, w0_again)
     assert not torch.equal(w0, w1)
     assert stats["steps"] == 2 * 3  # 20 images, batch 8 -> 3 steps per epoch
-    assert math.isfinite(stats["loss"]) and 0.0 <= stats["train_acc"] <= 1.0
+    assert math.isfinite(stats["loss"])
 
 
 def test_dsa_and_steps_change_training():

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from iwd_fast.networks import (MLP, NETWORK_NAMES, BasicBlock, ConvNet, ResNet, build_network, make_norm,
                                resnet10, resnet18)
@@ -21,9 +22,33 @@ def test_convnet_shapes(c, h, w):
     x = torch.randn(3, c, h, w)
     side = CONV_FEATURE_SIDE[h]
     assert net.embed(x).shape == (3, 128 * side * side)
-    out = net(x)
-    assert out.shape == (3, 10)
-    assert torch.allclose(out, net.classifier(net.embed(x)))
+    assert net(x).shape == (3, 10)
+
+
+def field_convnet(x, params, depth=3):
+    """The field's ConvNet-3 written out from the protocol (SCIENCE.md section 5), float64: depth x [conv 3x3
+    padding 1 -> instance norm with affine (GroupNorm(C, C)) -> ReLU -> 2x2 average pool], flatten, linear."""
+    for d in range(depth):
+        w, b, gamma, beta = params[4 * d:4 * d + 4]
+        x = F.conv2d(x, w, b, padding=1)
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        var = x.var(dim=(2, 3), unbiased=False, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + 1e-5) * gamma[None, :, None, None] + beta[None, :, None, None]
+        x = F.avg_pool2d(torch.relu(x), 2)
+    w, b = params[-2:]
+    return x.flatten(1) @ w.T + b
+
+
+@pytest.mark.parametrize("c,h,w", INPUTS)
+def test_convnet_is_the_field_architecture(c, h, w):
+    torch.manual_seed(1)
+    net = ConvNet(c, 10, width=6, im_size=(h, w)).double()
+    for p in net.parameters():  # the affine parameters start at 1 and 0: move them so that they count
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(3, c, h, w, dtype=torch.float64)
+    params = [p for p in net.parameters()]
+    assert len(params) == 3 * 4 + 2  # conv weight, bias, norm weight, bias per block; the head
+    torch.testing.assert_close(net(x), field_convnet(x, params), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("c,h,w", INPUTS)

@@ -186,3 +186,22 @@ def test_resume_after_a_kill_between_direction_file_and_manifest(tmp_path):
     again = score_dataset(net, (x, y), "validation", validation=held, out=out, batch_size=B)
     assert not again.already_complete and torch.equal(again.scores, first.scores)
     assert len(calls) == 1 + -(-N // B)  # the label probe and the scoring pass: the direction was read back
+
+
+def test_an_unreadable_chunk_is_scored_again_and_said_so(tmp_path):
+    """A chunk file cut short (a kill while it was copied) is not silently dropped: one warning names it, and the
+    resumed run's scores are bitwise the uninterrupted ones."""
+    import json
+
+    net, x, y = setup()
+    out = tmp_path / "run"
+    first = score_dataset(net, (x, y), "self", out=out, batch_size=B, chunk_batches=2)
+    man = json.loads((out / "manifest.json").read_text())
+    man["status"] = "running"
+    (out / "manifest.json").write_text(json.dumps(man))
+    (out / "scores.pt").unlink()
+    (out / "chunks").mkdir(exist_ok=True)
+    (out / "chunks" / "000000.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.warns(RuntimeWarning, match=r"000000\.pt is unreadable .*: computing it again"):
+        again = score_dataset(net, (x, y), "self", out=out, batch_size=B, chunk_batches=2)
+    assert torch.equal(again.scores, first.scores)

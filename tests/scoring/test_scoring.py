@@ -13,9 +13,13 @@ from conftest import error_budget
 
 from iwd_fast.scoring import dispatch as _dispatch
 
-# Every hook backend usable on CPU tensors here: "torch" always, "cpu" when iwd_fast._C is built,
-# "triton" under TRITON_INTERPRET=1 (conftest sets it on machines without CUDA).
-HOOK_IMPLS_HERE = [i for i in _dispatch.HOOK_IMPLS if _dispatch.why_not(i, torch.device("cpu")) is None]
+# Every hook backend that can run on CPU tensors: "torch" always, "cpu" when iwd_fast._C is built, "triton"
+# under TRITON_INTERPRET=1 (conftest sets it on machines without CUDA). One that cannot run here is a
+# reported skip with its reason, never a silently missing case.
+CPU_HOOK_IMPLS = [i for i in _dispatch.HOOK_IMPLS if i != "cuda"]
+HOOK_IMPLS_HERE = [
+    pytest.param(i, marks=pytest.mark.skip(reason=f"impl {i!r} cannot run here: {why}")) if why else i
+    for i, why in ((i, _dispatch.why_not(i, torch.device("cpu"))) for i in CPU_HOOK_IMPLS)]
 
 
 class Flat(nn.Module):
@@ -131,6 +135,16 @@ def test_grad_dot_float64_matches_reference(case, impl):
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10 * ref.abs().max().item())
 
 
+def _usable(impls):
+    """The impls of ``impls`` that run here; skips the calling test, naming them, if one cannot (a test that
+    loops over backends must not pass with one of them silently left out)."""
+    missing = {i: _dispatch.why_not(i, torch.device("cpu")) for i in impls}
+    missing = {i: why for i, why in missing.items() if why}
+    if missing:
+        pytest.skip(f"backends that cannot run here: {missing}")
+    return list(impls)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_grad_dot_float32_within_error_budget(case):
     m64, x64, y = make_case(case)
@@ -140,7 +154,7 @@ def test_grad_dot_float32_within_error_budget(case):
     x32 = x64.float() if x64.is_floating_point() else x64
     dirs32 = {n: v.float() for n, v in dirs64.items()}
     plain = iwd_fast.grad_dot(m32, x32, y, dirs32, impl="reference")
-    for impl in HOOK_IMPLS_HERE + ["jvp"]:
+    for impl in _usable(CPU_HOOK_IMPLS) + ["jvp"]:
         got = iwd_fast.grad_dot(m32, x32, y, dirs32, impl=impl)
         assert got.dtype == torch.float32
         err, budget = error_budget(got, ref64, plain)
@@ -246,7 +260,7 @@ def test_field_convnet3_width128(im_size, channels):
     y = torch.tensor([1, 7, 3])
     dirs = random_directions(net, 2)
     ref = iwd_fast.grad_dot(net, x, y, dirs, impl="reference")
-    compiled = [i for i in HOOK_IMPLS_HERE if i != "triton"]  # the interpreter is too slow at width 128
+    compiled = _usable(["torch", "cpu"])  # the Triton interpreter is too slow at width 128
     for impl in compiled:
         torch.testing.assert_close(iwd_fast.grad_dot(net, x, y, dirs, impl=impl), ref, rtol=1e-9, atol=1e-10)
     with iwd_fast.capture(net) as cap:

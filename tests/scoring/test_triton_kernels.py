@@ -451,3 +451,15 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, "fp32", "bf16"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_refused_wrap_triton_is_said_once_not_swallowed(monkeypatch):
+    from iwd_fast.kernels import _common
+
+    def refuse(kernel):
+        raise RuntimeError("this torch rejects interpreter kernels")
+
+    monkeypatch.setattr(torch.library, "wrap_triton", refuse, raising=False)
+    kernel = object()
+    with pytest.warns(RuntimeWarning, match="wrap_triton refused .*rejects interpreter kernels.*runs eagerly"):
+        assert _common._wrap(kernel) is kernel

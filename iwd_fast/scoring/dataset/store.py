@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -25,6 +26,11 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .fingerprint import named_tensors_sha256, tensors_sha256
+
+
+def _recomputing(path: Path, why: str) -> None:
+    """Say, once per file, that a stored piece of a run is discarded and computed again."""
+    warnings.warn(f"score_dataset: {path} is {why}: computing it again", RuntimeWarning, stacklevel=3)
 
 __all__ = ["ScoreStore", "Chunk", "FORMAT", "identity_sha256", "scores_checksum"]
 
@@ -143,9 +149,11 @@ class ScoreStore:
             return None
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - unreadable: compute it again
+        except Exception as err:  # noqa: BLE001 - any unreadable file: compute it again, and say so
+            _recomputing(path, f"unreadable ({type(err).__name__}: {err})")
             return None
         if saved.get("identity_hash") != self.identity_hash or named_tensors_sha256(saved["direction"]) != saved["sha256"]:
+            _recomputing(path, "written for another run or failing its digest")
             return None
         return saved["direction"]
 
@@ -160,11 +168,13 @@ class ScoreStore:
             return None
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - unreadable (copied half-way): score it again
+        except Exception as err:  # noqa: BLE001 - any unreadable file (copied half-way): score it again, and say so
+            _recomputing(path, f"unreadable ({type(err).__name__}: {err})")
             return None
         if d.get("identity_hash") != self.identity_hash:
             raise ValueError(f"score_dataset: {path} was written by another scoring run; refusing to mix runs")
         if (d["start"], d["stop"]) != (start, stop) or scores_checksum(d["scores"], d["nonfinite"]) != d["checksum"]:
+            _recomputing(path, "its range or checksum does not match")
             return None
         return Chunk(index, start, stop, d["scores"], d["nonfinite"], d["content"])
 
