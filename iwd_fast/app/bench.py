@@ -61,35 +61,36 @@ def _run_cell(cell_dir: str, config: Dict[str, Any], threads: int, init_cache: s
 
 
 def run_bench(spec_path: str, out: str, jobs: int = 1, threads: int = 1, shard: Optional[str] = None,
-              progress: bool = True, data_root: Optional[str] = None,
-              variants: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Run the cells of ``spec_path`` that belong to ``shard`` (and to ``variants``, if given) and are not
-    finished; then collect."""
+              progress: bool = True, data_root: Optional[str] = None, variants: Optional[List[str]] = None,
+              seeds: Optional[List[int]] = None) -> Dict[str, Any]:
+    """Run the cells of ``spec_path`` that belong to ``shard`` (and to ``variants`` and ``seeds``, if given) and
+    are not finished; then collect."""
     cells = expand_cells(load_spec(spec_path))
     if data_root:
         import dataclasses
 
         cells = [dataclasses.replace(c, config=c.config.replace(data_root=data_root)) for c in cells]
-    return run_cells(cells, out, Path(spec_path).read_text(), jobs, threads, shard, progress, variants)
+    return run_cells(cells, out, Path(spec_path).read_text(), jobs, threads, shard, progress, variants, seeds)
 
 
 def run_cells(cells: List[Cell], out: str, spec_text: str = "", jobs: int = 1, threads: int = 1,
-              shard: Optional[str] = None, progress: bool = True,
-              variants: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Run the unfinished ``cells`` of this shard (only those of ``variants``, if given: a suite's priorities
-    run first) in ``jobs`` spawned processes; rewrite results.jsonl from every finished cell."""
+              shard: Optional[str] = None, progress: bool = True, variants: Optional[List[str]] = None,
+              seeds: Optional[List[int]] = None) -> Dict[str, Any]:
+    """Run the unfinished ``cells`` of this shard (only those of ``variants`` and ``seeds``, if given: a suite's
+    priorities run first) in ``jobs`` spawned processes; rewrite results.jsonl from every finished cell."""
     if jobs < 1 or threads < 1:
         raise ValueError(f"--jobs and --threads must be >= 1, got {jobs}, {threads}")
     index, count = parse_shard(shard)
-    if variants is not None:
-        unknown = sorted(set(variants) - {c.variant for c in cells})
+    for flag, chosen, have in (("--variants", variants, {c.variant for c in cells}),
+                               ("--seeds", seeds, {c.seed for c in cells})):
+        unknown = sorted(set(chosen or ()) - have)
         if unknown:
-            raise ValueError(f"--variants names {unknown}, which the suite does not have "
-                             f"(it has {sorted({c.variant for c in cells})})")
+            raise ValueError(f"{flag} names {unknown}, which the suite does not have (it has {sorted(have)})")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     _write_manifest(root, spec_text, cells)
-    mine = [c for i, c in enumerate(cells) if i % count == index and (variants is None or c.variant in variants)]
+    mine = [c for i, c in enumerate(cells) if i % count == index and (variants is None or c.variant in variants)
+            and (seeds is None or c.seed in seeds)]
     todo = [c for c in mine if not (root / "cells" / c.key / "summary.json").is_file()]
     failures: List[Dict[str, Any]] = []
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"cells (shard {index}/{count})",
@@ -166,7 +167,8 @@ def collect(root: Path, cells: List[Cell]) -> List[Dict[str, Any]]:
 def main_bench(args) -> int:
     res = run_bench(args.spec, args.out, jobs=args.jobs, threads=args.threads, shard=args.shard,
                     progress=not args.quiet, data_root=args.data_root,
-                    variants=args.variants.split(",") if args.variants else None)
+                    variants=args.variants.split(",") if args.variants else None,
+                    seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None)
     print(f"{res['finished']}/{res['cells']} cells finished ({res['ran']} run now, {len(res['failed'])} failed); "
           f"results: {res['results']}")
     for f in res["failed"]:

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variants", default=None, metavar="A,B",
                    help="run only the cells of these variants now (the others wait for a later call); results.jsonl "
                         "still holds every finished cell")
+    b.add_argument("--seeds", default=None, metavar="0,1",
+                   help="run only the cells of these seeds now (e.g. three seeds of every setting first)")
     b.add_argument("--data-root", default=None, help="folder with the datasets' standard files")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -33,6 +33,10 @@ __all__ = ["Capture", "capture"]
 
 SampleWeights = Union[None, str, torch.Tensor]
 
+_RELEASED = ("this capture streamed what it was built for and released the layers' tensors, so it takes no new "
+             "directions or parameter names: read the streamed results (grad_dot() / grad_norm_sq() without "
+             "arguments), or build the capture with the directions / norm_sq names you need")
+
 
 @dataclass
 class _Call:
@@ -271,8 +275,12 @@ class Capture:
 
     def _streamed_dots(self, sample_weights: SampleWeights) -> torch.Tensor:
         st = self._stream
-        if st is None or st.stacked is None:
-            raise ValueError("grad_dot() without directions reads streamed scores: pass directions to capture()")
+        if st is None:
+            raise ValueError("grad_dot() without directions reads the dots streamed for the directions given to "
+                             "capture(model, directions=v); this capture got none: pass them to grad_dot(v)")
+        if st.stacked is None:
+            raise ValueError("this capture streamed only squared norms (norm_sq) and released the layers' tensors, so "
+                             "it has no dots: stream both with capture(model, directions=v, norm_sq=...)")
         self._check_streamed(st.dots, st.dot_total, lambda c: c.dot_done)
         total = _unscaled(st.dot_total, self._inverse(sample_weights, st.dot_total.shape[0], st.dot_total.device), 1)
         return total[:, 0] if st.stacked.single else total
@@ -314,7 +322,9 @@ class Capture:
             if rule is None:
                 raise UnsupportedLayerError(
                     f"module {label!r} ({type(owner.module).__name__}) holds parameters {[n for n, _ in pairs]} "
-                    "but has no per-layer rule; use impl='jvp' or impl='reference' through iwd_fast.grad_dot")
+                    "but has no per-layer rule, so a capture cannot score them: leave them out of the directions "
+                    "(or norm_sq names), or score the batch with iwd_fast.grad_dot(model, x, y, v, impl='jvp'), "
+                    "which handles any layer; weighted_gradient itself needs no rule")
             rule.check(label, owner.module)
         return grouped
 
@@ -323,8 +333,7 @@ class Capture:
         recs = [c.record for c in calls]
         label = owner.module_name or "<root>"
         if any(c.streamed for c in calls):
-            raise RuntimeError(f"module {label!r}: this capture streamed its dots and released the layer's tensors; "
-                               "call grad_dot() without directions, or capture without directions")
+            raise RuntimeError(f"module {label!r}: {_RELEASED}")
         if not recs:
             raise RuntimeError(f"module {label!r} was not called with gradients enabled inside the capture block")
         missing = [i for i, r in enumerate(recs) if r.delta is None]
@@ -342,8 +351,7 @@ class Capture:
             raise RuntimeError("nothing was captured: run the forward and backward inside `with capture(model)`")
         first = next((c.record.x for c in self.calls if c.record.x is not None), None)
         if first is None:
-            raise RuntimeError("this capture streamed its dots and released every layer's tensors; call grad_dot() "
-                               "without directions")
+            raise RuntimeError(_RELEASED)
         device, batch = first.device, first.shape[0]
         ops = dispatch.layer_ops(impl, device)
         return ops, self._inverse(sample_weights, batch, device)

@@ -94,6 +94,13 @@ def test_variants_run_first_on_request(spec, tmp_path):
     assert second["ran"] == 4 and second["finished"] == 8
     with pytest.raises(ValueError, match=r"--variants names \['bogus'\]"):
         run_bench(spec, str(out), progress=False, variants=["bogus"])
+    with pytest.raises(ValueError, match=r"--seeds names \[7\]"):
+        run_bench(spec, str(out), progress=False, seeds=[7])
+
+
+def test_seeds_run_first_on_request(spec, tmp_path):
+    first = run_bench(spec, str(tmp_path / "suite"), progress=False, seeds=[1])
+    assert first["ran"] == 4 and {r["seed"] for r in first["rows"]} == {1}
 
 
 def test_paired_statistics_match_scipy():

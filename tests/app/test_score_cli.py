@@ -117,6 +117,18 @@ def test_user_model_from_factory_and_checkpoint_on_a_tensors_file(tmp_path, caps
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_a_user_model_that_fails_to_import_names_where(tmp_path, capsys, monkeypatch):
+    (tmp_path / "broken_models.py").write_text("import torch\n\n\ndef helper():\n    raise RuntimeError('no GPU here')\n\n\n"
+                                               "helper()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save({"images": torch.zeros(4, 1, 6, 6), "labels": torch.tensor([0, 1, 0, 1])}, tmp_path / "data.pt")
+    assert main(["score", "--dataset", str(tmp_path / "data.pt"), "--model", "broken_models:make", "--out",
+                 str(tmp_path / "x"), "--quiet"]) == 2
+    err = one_line_error(capsys)
+    assert "cannot import broken_models: RuntimeError: no GPU here" in err
+    assert f"raised at {tmp_path / 'broken_models.py'}:5" in err  # the failing line of the user's module
+
+
 def test_image_folder_streamed_with_workers(tmp_path, capsys):
     import numpy as np
     from PIL import Image

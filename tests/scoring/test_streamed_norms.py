@@ -73,3 +73,23 @@ def test_sample_slices_bound_the_temporaries():
     assert [s.stop - s.start for s in big[:2]] == [4, 4] and big[-1].stop == 256
     assert rules.sample_slices(3, 1 << 40, 0) == [slice(0, 1), slice(1, 2), slice(2, 3)]
     assert rules.sample_slices(0, 8, 8) == [slice(0, 0)]
+
+
+def test_after_streamed_norms_each_message_points_to_what_works():
+    """The two ways to ask a norm_sq capture for dots each name the one remedy, and the remedy works."""
+    m, x, y = make_case("shared_module")
+    dirs = random_directions(m, 2)
+    with iwd_fast.capture(m, norm_sq=True) as cap:
+        F.cross_entropy(m(x), y).backward()
+    with pytest.raises(ValueError, match=r"streamed only squared norms .* capture\(model, directions=v, norm_sq"):
+        cap.grad_dot()
+    with pytest.raises(RuntimeError, match="build the capture with the directions / norm_sq names you need"):
+        cap.grad_dot(dirs)
+    with iwd_fast.capture(m, directions=dirs, norm_sq=True) as cap:  # what both messages advise
+        F.cross_entropy(m(x), y).backward()
+    torch.testing.assert_close(cap.grad_dot(), iwd_fast.grad_dot(m, x, y, dirs, impl="reference"), rtol=1e-9, atol=1e-12)
+    with iwd_fast.capture(m) as plain:
+        F.cross_entropy(m(x), y).backward()
+    with pytest.raises(ValueError, match=r"this capture got none: pass them to grad_dot\(v\)"):
+        plain.grad_dot()
+    torch.testing.assert_close(plain.grad_dot(dirs), cap.grad_dot(), rtol=1e-9, atol=1e-12)

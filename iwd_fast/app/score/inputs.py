@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -104,7 +105,8 @@ def build_model(spec: str, data: ScoreData, width: int, seed: int) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 - any import failure is the user's module's
-        raise ValueError(f"--model {spec}: cannot import {module_name} ({type(err).__name__}: {err})") from None
+        raise ValueError(f"--model {spec}: cannot import {module_name}: {type(err).__name__}: {err}"
+                         f"{_where(err)}") from err
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"--model {spec}: {module_name} has no callable {attr!r}")
@@ -120,6 +122,14 @@ def build_model(spec: str, data: ScoreData, width: int, seed: int) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model {spec}: the factory returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _where(err: BaseException) -> str:
+    """" (raised at FILE:LINE)" for the innermost frame of ``err`` outside the import machinery, else ""."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "importlib" not in f.filename]
+    if isinstance(err, SyntaxError) and err.filename:
+        return f" (at {err.filename}:{err.lineno})"
+    return f" (raised at {frames[-1].filename}:{frames[-1].lineno})" if frames and frames[-1].filename != __file__ else ""
 
 
 def load_checkpoint(model: nn.Module, path) -> None:
