@@ -23,15 +23,14 @@ import torch.nn as nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from . import dispatch
-from .checks import format_indices
 from .losses import weighted_mean
 from .params import (Directions, StackedDirections, group_by_module, param_owners, stack_directions,
                      trainable_parameters)
 from .rules import Record, UnsupportedLayerError, rule_for
+from .sample_weights import SampleWeights, checked_loss_weights, divisible_factor, inverse_factors, unscaled
 
 __all__ = ["Capture", "capture"]
 
-SampleWeights = Union[None, str, torch.Tensor]
 
 _RELEASED = ("this capture streamed what it was built for and released the layers' tensors, so it takes no new "
              "directions or parameter names: read the streamed results (grad_dot() / grad_norm_sq() without "
@@ -181,12 +180,12 @@ class Capture:
         if losses.dim() != 1:
             raise ValueError(f"weighted_gradient: losses must be per-sample [B], got shape {tuple(losses.shape)}")
         b = losses.shape[0]
-        w = None if weights is None else _checked_weights(weights, b, losses)
+        w = None if weights is None else checked_loss_weights(weights, b, losses)
         if not self.calls:
             raise RuntimeError("weighted_gradient: nothing was captured: run the forward inside the capture block")
         carried = torch.full((b,), 1.0 / max(b, 1), dtype=torch.float64, device=losses.device) if w is None else \
             w.double() / w.double().sum()
-        small = carried < _divisible_factor(losses.dtype)
+        small = carried < divisible_factor(losses.dtype)
         if bool(small.any()):  # their deltas would arrive (almost) zero: take them from their own losses first
             self._deferred, self._passes = True, 2
             try:
@@ -251,7 +250,7 @@ class Capture:
             for rec in self._records(owner):
                 term = _call_dot(owner.module, rec, v, ops)
                 total = term if total is None else total + term
-        total = _unscaled(total, scale, 1)
+        total = unscaled(total, scale, 1)
         return total[:, 0] if stacked.single else total
 
     def grad_norm_sq(self, params: Optional[Sequence[str]] = None, sample_weights: SampleWeights = None,
@@ -271,7 +270,7 @@ class Capture:
         for owner, pairs in grouped.values():
             term = rule_for(owner.module).norm_sq(owner.module, self._records(owner), [local for _, local in pairs], ops)
             total = term if total is None else total + term
-        return _unscaled(total, scale, 2)
+        return unscaled(total, scale, 2)
 
     def _streamed_dots(self, sample_weights: SampleWeights) -> torch.Tensor:
         st = self._stream
@@ -282,7 +281,7 @@ class Capture:
             raise ValueError("this capture streamed only squared norms (norm_sq) and released the layers' tensors, so "
                              "it has no dots: stream both with capture(model, directions=v, norm_sq=...)")
         self._check_streamed(st.dots, st.dot_total, lambda c: c.dot_done)
-        total = _unscaled(st.dot_total, self._inverse(sample_weights, st.dot_total.shape[0], st.dot_total.device), 1)
+        total = unscaled(st.dot_total, self._inverse(sample_weights, st.dot_total.shape[0], st.dot_total.device), 1)
         return total[:, 0] if st.stacked.single else total
 
     def _streamed_norms(self, params: Optional[Sequence[str]], sample_weights: SampleWeights) -> torch.Tensor:
@@ -291,7 +290,7 @@ class Capture:
                              f"{sorted(params)}: capture with norm_sq=<those names>")
         st = self._stream
         self._check_streamed(st.norms, st.norm_total, lambda c: c.norm_done)
-        return _unscaled(st.norm_total, self._inverse(sample_weights, st.norm_total.shape[0], st.norm_total.device), 2)
+        return unscaled(st.norm_total, self._inverse(sample_weights, st.norm_total.shape[0], st.norm_total.device), 2)
 
     def _check_streamed(self, modules, total, done) -> None:
         pending = [c for c in self.calls if id(c.module) in modules and not done(c)]
@@ -364,38 +363,10 @@ class Capture:
                 raise ValueError("sample_weights: this capture's backward ran through weighted_gradient, which "
                                  "knows the weights; its scores are those of the unweighted losses already")
             return 1.0 / self._carried
-        return _inverse_sample_weights(sample_weights, batch, device)
+        return inverse_factors(sample_weights, batch, device)
 
 
-def _unscaled(total: torch.Tensor, scale: Optional[torch.Tensor], power: int) -> torch.Tensor:
-    """Per-sample results [B] or [B, K] of scaled output gradients, turned into those of the unweighted
-    losses: dots are linear in a sample's output gradient (power 1), squared norms quadratic (power 2)."""
-    if scale is None:
-        return total
-    s = scale.to(total.dtype)
-    s = s if total.dim() == 1 else s.unsqueeze(1)
-    for _ in range(power):
-        total = total * s
-    return total
 
-
-def _divisible_factor(dtype: torch.dtype) -> float:
-    """The smallest loss factor c a captured c * delta can be divided by without precision loss: the cube root
-    of the dtype's smallest normal number (float32 2.3e-13; c^-2 then stays far from overflow)."""
-    return torch.finfo(dtype).tiny ** (1.0 / 3.0) if dtype.is_floating_point else 0.0
-
-
-def _checked_weights(weights: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """Weights [B] on ``like``'s device and dtype: non-negative, finite, not all zero (named indices)."""
-    w = torch.as_tensor(weights).detach().to(like.device, like.dtype)
-    if w.shape != (batch,):
-        raise ValueError(f"weighted_gradient: weights must have shape [{batch}], got {tuple(w.shape)}")
-    bad = ~torch.isfinite(w) | (w < 0)
-    if bool(bad.any()):
-        raise ValueError(f"weighted_gradient: negative or non-finite weights at indices {format_indices(bad)}")
-    if not bool(w.sum() > 0):
-        raise ValueError("weighted_gradient: all weights are zero")
-    return w
 
 
 def _call_dot(module: nn.Module, rec: Record, v, ops) -> torch.Tensor:
@@ -403,23 +374,6 @@ def _call_dot(module: nn.Module, rec: Record, v, ops) -> torch.Tensor:
     dtype = rec.x.dtype if rec.x.is_floating_point() else rec.delta.dtype  # Embedding inputs are indices
     return rule_for(module).dot(module, rec, {k: t.to(dtype) for k, t in v.items()}, ops)
 
-
-def _inverse_sample_weights(sample_weights: SampleWeights, batch: int, device) -> Optional[torch.Tensor]:
-    """[B] factors that turn captured output gradients into those of the unweighted per-sample losses."""
-    if sample_weights is None or (isinstance(sample_weights, str) and sample_weights == "mean"):
-        return torch.full((batch,), float(batch), device=device, dtype=torch.float64)
-    if isinstance(sample_weights, str):
-        if sample_weights == "sum":
-            return None
-        raise ValueError(f"sample_weights must be None, 'mean', 'sum' or a tensor [B], got {sample_weights!r}")
-    w = torch.as_tensor(sample_weights, device=device)
-    if w.shape != (batch,):
-        raise ValueError(f"sample_weights must have shape [{batch}], got {tuple(w.shape)}")
-    bad = (~torch.isfinite(w)) | (w == 0)
-    if bad.any():
-        raise ValueError(f"sample_weights must be finite and non-zero (a zero weight hides that sample's gradient); "
-                         f"bad indices: {bad.nonzero().flatten().tolist()[:10]}")
-    return 1.0 / w.to(torch.float64)
 
 
 def capture(model: nn.Module, directions: Optional[Directions] = None, impl: str = "auto",

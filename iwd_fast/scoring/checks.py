@@ -7,7 +7,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-__all__ = ["format_indices", "as_labels", "check_finite"]
+__all__ = ["format_indices", "as_labels", "check_finite", "check_weights"]
 
 
 def format_indices(indices: Union[Iterable[int], torch.Tensor], limit: int = 10) -> str:
@@ -54,3 +54,18 @@ def check_finite(values: torch.Tensor, where: str, what: str = "values") -> None
     bad = ~(finite.flatten(1).all(dim=1) if values.dim() > 1 else finite)
     if bool(bad.any()):
         raise ValueError(f"{where}: non-finite {what} (NaN or Inf) at indices {format_indices(bad)}")
+
+
+def check_weights(weights: torch.Tensor, size: int, where: str) -> None:
+    """Per-sample weights must be a floating-point tensor [size], finite, non-negative and not all zero; the
+    message names the offending indices. One host sync."""
+    if not isinstance(weights, torch.Tensor) or not weights.dtype.is_floating_point:
+        raise ValueError(f"{where}: weights must be a floating-point tensor")
+    if weights.shape != (size,):
+        raise ValueError(f"{where}: weights must have shape ({size},), got {tuple(weights.shape)}")
+    w = weights.detach()
+    bad = ~torch.isfinite(w) | (w < 0)
+    if bool(bad.any()):
+        raise ValueError(f"{where}: negative or non-finite weights at indices {format_indices(bad)}")
+    if size and not bool((w > 0).any()):
+        raise ValueError(f"{where}: all weights are zero")

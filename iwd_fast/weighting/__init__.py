@@ -1,12 +1,15 @@
-"""The method, usable in any distillation loop: instance weights from influence scores (``weighter``),
-the influence directions (``targets``), quality metrics (``metrics``) and the drop-in pieces that put
-weights into a loop (``dropin``), and how strongly to weight (``trust``: out-of-sample noise estimates)."""
+"""The method, usable in any distillation loop: instance weights from influence scores (``weighter``, with its
+score transforms and sign policies in ``transforms`` and its file in ``weighter_file``), the influence
+directions (``targets``), quality metrics (``metrics``), the drop-in pieces that put weights into a loop
+(``dropin``), and how strongly to weight (``trust``: out-of-sample noise estimates)."""
 from .dropin import (IndexedClassSampler, IndexedDataset, normalize_weights, select_initial, weighted_class_mean,
                      weighted_cross_entropy)
 from .targets import TARGETS
 from .metrics import auroc, weight_mass_on
 from .trust import NoiseEstimate, crossfit_probabilities, estimate_noise, trust_weights
-from .weighter import SIGN_POLICIES, TRANSFORMS, WEIGHTER_DEFAULTS, InfluenceWeighter, labels_fingerprint, sign_for
+from .transforms import SIGN_POLICIES, TRANSFORMS, sign_for
+from .weighter import WEIGHTER_DEFAULTS, InfluenceWeighter
+from .weighter_file import labels_fingerprint
 
 __all__ = ["InfluenceWeighter", "SIGN_POLICIES", "TRANSFORMS", "WEIGHTER_DEFAULTS", "NoiseEstimate",
            "crossfit_probabilities", "estimate_noise", "trust_weights", "sign_for", "labels_fingerprint", "auroc", "weight_mass_on",

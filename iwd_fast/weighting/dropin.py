@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..scoring.checks import as_labels, format_indices
+from ..scoring.checks import as_labels, check_weights, format_indices
 from ..scoring.losses import weighted_mean
 
 __all__ = ["weighted_cross_entropy", "weighted_class_mean", "normalize_weights", "IndexedClassSampler",
@@ -28,26 +28,12 @@ __all__ = ["weighted_cross_entropy", "weighted_class_mean", "normalize_weights",
 INIT_MODES = ("top", "proportional", "random", "trusted")
 
 
-def _check_weights(weights: torch.Tensor, size: int, where: str) -> None:
-    """Weights must be float [size], finite, non-negative, not all zero (one host sync)."""
-    if not isinstance(weights, torch.Tensor) or not weights.dtype.is_floating_point:
-        raise ValueError(f"{where}: weights must be a floating-point tensor")
-    if weights.shape != (size,):
-        raise ValueError(f"{where}: weights must have shape ({size},), got {tuple(weights.shape)}")
-    w = weights.detach()
-    bad = torch.nonzero(~torch.isfinite(w) | (w < 0)).flatten()
-    if bad.numel():
-        raise ValueError(f"{where}: negative or non-finite weights at indices {format_indices(bad.tolist())}")
-    if size and not bool((w > 0).any()):
-        raise ValueError(f"{where}: all weights are zero")
-
-
 def normalize_weights(weights: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
     """wn = w / sum(w), same shape and dtype as ``weights`` [B]. Gradients flow through ``weights``."""
     if validate:
         if not isinstance(weights, torch.Tensor) or weights.dim() != 1:
             raise ValueError("normalize_weights: weights must be a tensor [B]")
-        _check_weights(weights, weights.shape[0], "normalize_weights")
+        check_weights(weights, weights.shape[0], "normalize_weights")
     return weights / weights.sum()
 
 
@@ -75,7 +61,7 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     if weights is None:
         return F.cross_entropy(logits, labels)
     if validate:
-        _check_weights(weights, logits.shape[0], "weighted_cross_entropy")
+        check_weights(weights, logits.shape[0], "weighted_cross_entropy")
     return weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weights)
 
 
@@ -108,7 +94,7 @@ def weighted_class_mean(features: torch.Tensor, weights: Optional[torch.Tensor] 
         raise ValueError(f"weighted_class_mean: weights of shape {tuple(weights.shape)} fit neither [{features.shape[dim]}] "
                          f"nor {tuple(features.shape[:dim + 1])} for features {tuple(features.shape)} along dim {dim}")
     if validate:
-        _check_weights(w.reshape(-1), w.numel(), "weighted_class_mean")
+        check_weights(w.reshape(-1), w.numel(), "weighted_class_mean")
         sums = w.sum(dim=dim)
         if bool((sums <= 0).any()):
             raise ValueError("weighted_class_mean: a set of weights along dim sums to zero")

@@ -16,101 +16,29 @@ class within that update before they enter the EMA, so scores taken at different
 scales and offsets differ) are comparable.
 
 Convention: after multiplying by ``sign`` a LARGER score means "upweight". Callers pass the raw score of
-their target and take ``sign`` from :func:`sign_for`:
-
-| target | raw score passed to ``update`` | policy -> sign |
-|---|---|---|
-| explicit, implicit | influence I_i on the distillation loss | informative -> +1, consistent (= auto) -> -1 |
-| validation | benefit -I_i (alignment with the held-out descent direction) | auto -> +1 |
-| self | squared per-sample gradient norm ||g_i||^2 | auto -> -1 (small norm = trusted) |
-| crossfit | out-of-sample margin max_{k != y} p_ik - p_iy | auto -> -1 (small margin = trusted) |
-| prototype | embedding margin <f^_i, mu_y - mu_k*> (DM) | auto -> +1 (agrees with its class = trusted) |
+their target and take ``sign`` from :func:`sign_for` (the table of targets is in ``weighting.transforms``).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Dict, Optional, Union
 
-import numpy as np
 import torch
 
 from ..scoring.checks import as_labels, format_indices
 from .metrics import weight_mass_on
+from .transforms import TRANSFORMS, rank_normal, zscore
+from .weighter_file import check_fingerprint, labels_fingerprint, read_weighter, write_weighter
 
-__all__ = ["InfluenceWeighter", "SIGN_POLICIES", "WEIGHTER_DEFAULTS", "sign_for", "labels_fingerprint"]
-
-# target -> {accepted policy: sign}; "auto" for explicit/implicit is "consistent" (METHOD.md section 2).
-SIGN_POLICIES: Dict[str, Dict[str, int]] = {
-    "explicit": {"auto": -1, "consistent": -1, "informative": +1},
-    "implicit": {"auto": -1, "consistent": -1, "informative": +1},
-    "validation": {"auto": +1},
-    "self": {"auto": -1},
-    "crossfit": {"auto": -1},  # out-of-sample margin (iwd_fast.weighting.trust): large = suspected wrong label
-    "prototype": {"auto": +1},  # DM's embedding margin (targets.prototype_margin): large = agrees with its class
-}
-
-_FORMAT = "iwd_fast.InfluenceWeighter/1"
+__all__ = ["InfluenceWeighter", "WEIGHTER_DEFAULTS"]
 
 
-TRANSFORMS = ("zscore", "rank")
 
 # The one set of defaults: the class, the built-in loops (``IWDSpec`` takes its defaults from here) and the
 # README's recipes. "rank" with per-update standardisation is the bounded transform the loops were measured
 # with (benchmarks/RESULTS.md); a bare z-score softmax reached weights in the hundreds.
 WEIGHTER_DEFAULTS: Dict[str, object] = {"temperature": 1.0, "ema": 0.8, "floor": 0.0, "transform": "rank",
                                         "standardize": True}
-
-
-def _zscore(s: torch.Tensor, scored: torch.Tensor, eps: float) -> torch.Tensor:
-    """(s - mean) / (std + eps) over the ``scored`` entries; the others get 0 (the class mean)."""
-    known = s[scored]
-    z = (s - known.mean()) / (known.std(unbiased=False) + eps)
-    return torch.where(scored, z, torch.zeros_like(z))
-
-
-def _rank_normal(s: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """Phi^-1((rank - 1/2) / n) over the ``scored`` entries (average ranks for ties); the others get 0."""
-    known = s[scored].numpy()
-    order = np.argsort(known, kind="stable")
-    ranks = np.empty(known.size, dtype=np.float64)
-    ranks[order] = np.arange(1, known.size + 1, dtype=np.float64)
-    uniq, inverse = np.unique(known, return_inverse=True)
-    if uniq.size < known.size:  # ties share their average rank
-        ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
-    z = torch.zeros_like(s)
-    z[scored] = torch.special.ndtri(torch.from_numpy((ranks - 0.5) / known.size))
-    return z
-
-
-def sign_for(target: str, policy: str = "auto") -> int:
-    """Sign (+1 or -1) that makes "larger signed score = larger weight" right for ``target`` and ``policy``.
-
-    "auto" for explicit/implicit means "consistent" (-1): benchmarks/RESULTS.md measured that
-    "informative" amplifies mislabeled instances. validation and self only accept "auto".
-    """
-    if target not in SIGN_POLICIES:
-        raise ValueError(f"sign_for: unknown target {target!r}; expected one of {sorted(SIGN_POLICIES)}")
-    allowed = SIGN_POLICIES[target]
-    if policy not in allowed:
-        raise ValueError(f"sign_for: policy {policy!r} is not valid for target {target!r}; "
-                         f"expected one of {sorted(allowed)}")
-    return allowed[policy]
-
-
-def labels_fingerprint(labels: torch.Tensor, num_classes: int) -> Dict[str, Union[int, str]]:
-    """Dataset fingerprint: ``n``, ``num_classes`` and the sha256 of the labels as little-endian int64 bytes."""
-    arr = np.ascontiguousarray(labels.detach().cpu().numpy(), dtype="<i8")
-    return {"n": int(arr.shape[0]), "num_classes": int(num_classes),
-            "labels_sha256": hashlib.sha256(arr.tobytes()).hexdigest()}
-
-
-def _check_fingerprint(expected: dict, got: dict, where: str) -> None:
-    diffs = [f"{k} {expected[k]} vs {got[k]}" for k in ("n", "num_classes") if int(expected[k]) != int(got[k])]
-    if expected["labels_sha256"] != got["labels_sha256"]:
-        diffs.append("labels sha256 differs")
-    if diffs:
-        raise ValueError(f"{where}: saved weights belong to another dataset (saved vs given: {'; '.join(diffs)})")
 
 
 def _check_hparams(sign: int, ema: float, eps: float, where: str) -> None:
@@ -283,12 +211,6 @@ class InfluenceWeighter:
                 out[sel] = (s - s.mean()) / (s.std(unbiased=False) + self.eps)
         return out
 
-    def reset(self) -> None:
-        """Forget every score (all weights back to 1)."""
-        self._scores.zero_()
-        self._scored.zero_()
-        self._cache = {}
-
     # ------------------------------------------------------------------------------------------ weights
     def _log_weights(self) -> torch.Tensor:
         """log w, float64 [n]: exact where the float32 weights underflow to 0 (cold temperatures)."""
@@ -306,8 +228,8 @@ class InfluenceWeighter:
                     lw[members] = base[members]  # no scores in this class: the prior (uniform without one)
                     continue
                 s = self._scores[members]
-                z = _rank_normal(self.sign * s, known) if self.transform == "rank" else \
-                    _zscore(self.sign * s, known, self.eps)
+                z = rank_normal(self.sign * s, known) if self.transform == "rank" else \
+                    zscore(self.sign * s, known, self.eps)
                 z = torch.zeros_like(z) if math.isinf(self._temperature) else z / self._temperature
                 lw[members] = math.log(n_c) + torch.log_softmax(lp + z, dim=0)
             if self._floor:  # mix with the prior's weights (uniform without a prior)
@@ -408,7 +330,7 @@ class InfluenceWeighter:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`; ValueError if it was saved for different labels."""
-        _check_fingerprint(state, self._fingerprint, "InfluenceWeighter.load_state_dict")
+        check_fingerprint(state, self._fingerprint, "InfluenceWeighter.load_state_dict")
         scores = torch.as_tensor(state["scores"]).to("cpu", torch.float64)
         scored = torch.as_tensor(state["scored"]).to("cpu", torch.bool)
         if scores.shape != (self.n,) or scored.shape != (self.n,):
@@ -429,17 +351,10 @@ class InfluenceWeighter:
         self._cache = {}
 
     def save(self, path: str) -> None:
-        """Write a safetensors file: tensors scores/scored/labels, hyperparameters and fingerprint as metadata."""
-        from safetensors.torch import save_file
-
-        meta = {k: v if isinstance(v, str) else repr(v) for k, v in self.hyperparameters().items()}
-        meta.update({k: str(v) for k, v in self._fingerprint.items()})
-        meta["format"] = _FORMAT
-        tensors = {"scores": self._scores.contiguous(), "scored": self._scored.contiguous(),
-                   "labels": self.labels.contiguous()}
-        if self._prior is not None:
-            tensors["prior"] = self._prior.contiguous()
-        save_file(tensors, str(path), metadata=meta)
+        """Write a safetensors file: tensors scores/scored/labels (and prior), hyperparameters and the labels
+        fingerprint as metadata (``weighting.weighter_file``)."""
+        write_weighter(path, self.hyperparameters(), self._fingerprint, self._scores, self._scored, self.labels,
+                       self._prior)
 
     @classmethod
     def load(cls, path: str, labels: Optional[torch.Tensor] = None) -> "InfluenceWeighter":
@@ -448,26 +363,8 @@ class InfluenceWeighter:
         With ``labels`` given, refuses (ValueError) a file saved for another dataset; without, uses the
         labels stored in the file.
         """
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"InfluenceWeighter.load: {path} is not an InfluenceWeighter file "
-                             f"(format {meta.get('format')!r})")
-        tensors = load_file(str(path))
-        saved = {"n": int(meta["n"]), "num_classes": int(meta["num_classes"]),
-                 "labels_sha256": meta["labels_sha256"]}
-        _check_fingerprint(saved, labels_fingerprint(tensors["labels"], saved["num_classes"]),
-                           "InfluenceWeighter.load (file integrity)")
-        if labels is not None:
-            _check_fingerprint(saved, labels_fingerprint(torch.as_tensor(labels), saved["num_classes"]),
-                               "InfluenceWeighter.load")
-        hp = {k: float(meta[k]) for k in ("temperature", "ema", "floor", "eps")}
-        hp.update(transform=meta.get("transform", "zscore"), standardize=meta.get("standardize") == "True")
-        obj = cls(tensors["labels"] if labels is None else labels, saved["num_classes"],
-                  sign=int(meta["sign"]), **hp)
-        obj.load_state_dict({"scores": tensors["scores"], "scored": tensors["scored"], "sign": int(meta["sign"]),
-                             "prior": tensors.get("prior"), **hp, **saved})
+        saved = read_weighter(path, labels)
+        hp = {k: saved[k] for k in ("temperature", "ema", "floor", "eps", "transform", "standardize")}
+        obj = cls(saved["labels"], saved["num_classes"], sign=saved["sign"], **hp)
+        obj.load_state_dict(saved)
         return obj
