@@ -410,7 +410,7 @@ def _inverse_sample_weights(sample_weights: SampleWeights, batch: int, device) -
     bad = (~torch.isfinite(w)) | (w == 0)
     if bad.any():
         raise ValueError(f"sample_weights must be finite and non-zero (a zero weight hides that sample's gradient); "
-                         f"bad indices: {bad.nonzero().flatten().tolist()[:10]}")
+                         f"bad indices: {format_indices(bad)}")
     return 1.0 / w.to(torch.float64)
 
 
