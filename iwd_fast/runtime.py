@@ -72,10 +72,20 @@ def mix_seed(*keys: int) -> int:
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """"auto" or None -> cuda when available, else cpu; anything else goes to ``torch.device``."""
+    """"auto" or None -> cuda when available, else cpu; anything else goes to ``torch.device``. A name that is
+    no device, or a CUDA device this machine lacks, is refused in one line (ValueError)."""
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"device {device}: {why} (torch {torch.__version__}); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: only {torch.cuda.device_count()} CUDA devices are visible")
+    return dev
 
 
 class PhaseTimer:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..distill.config import init_mode
 from .bench_spec import Cell, expand_cells, load_spec, spec_digest
+from .run_folder import FolderLock
 
 __all__ = ["run_bench", "run_cells", "collect", "parse_shard", "cell_row"]
 
@@ -65,7 +66,10 @@ def run_bench(spec_path: str, out: str, jobs: int = 1, threads: int = 1, shard: 
               seeds: Optional[List[int]] = None) -> Dict[str, Any]:
     """Run the cells of ``spec_path`` that belong to ``shard`` (and to ``variants`` and ``seeds``, if given) and
     are not finished; then collect."""
-    cells = expand_cells(load_spec(spec_path))
+    try:
+        cells = expand_cells(load_spec(spec_path))
+    except ValueError as err:  # every refusal names the spec file
+        raise ValueError(str(err) if str(err).startswith(str(spec_path)) else f"{spec_path}: {err}") from None
     if data_root:
         import dataclasses
 
@@ -87,10 +91,17 @@ def run_cells(cells: List[Cell], out: str, spec_text: str = "", jobs: int = 1, t
         if unknown:
             raise ValueError(f"{flag} names {unknown}, which the suite does not have (it has {sorted(have)})")
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    _write_manifest(root, spec_text, cells)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out {root} exists and is not a folder")
     mine = [c for i, c in enumerate(cells) if i % count == index and (variants is None or c.variant in variants)
             and (seeds is None or c.seed in seeds)]
+    with FolderLock(root, ".lock" if count == 1 else f".lock.shard{index}of{count}"):  # a second bench is refused
+        return _run_cells(cells, mine, root, spec_text, jobs, threads, index, count, progress)
+
+
+def _run_cells(cells: List[Cell], mine: List[Cell], root: Path, spec_text: str, jobs: int, threads: int,
+               index: int, count: int, progress: bool) -> Dict[str, Any]:
+    _write_manifest(root, spec_text, cells)
     todo = [c for c in mine if not (root / "cells" / c.key / "summary.json").is_file()]
     failures: List[Dict[str, Any]] = []
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"cells (shard {index}/{count})",
@@ -122,7 +133,7 @@ def _write_manifest(root: Path, spec_text: str, cells: List[Cell]) -> None:
             raise ValueError(f"{root} holds another suite (digest {stored['digest']}, this spec {digest}); "
                              "use another --out folder")
         return
-    tmp = manifest.with_suffix(".tmp")
+    tmp = root / f".manifest.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({"digest": digest, "spec": spec_text,
                                "cells": [c.key for c in cells]}, indent=2))
     tmp.replace(manifest)
@@ -158,7 +169,7 @@ def cell_row(cell: Cell, folder: Path) -> Optional[Dict[str, Any]]:
 def collect(root: Path, cells: List[Cell]) -> List[Dict[str, Any]]:
     """Rewrite root/results.jsonl from every finished cell folder (atomic); returns the rows."""
     rows = [r for r in (cell_row(c, root / "cells" / c.key) for c in cells) if r is not None]
-    tmp = root / "results.jsonl.tmp"
+    tmp = root / f".results.jsonl.{os.getpid()}.tmp"  # shards sharing the folder never write one temporary
     tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     tmp.replace(root / "results.jsonl")
     return rows

@@ -34,8 +34,10 @@ import copy
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+from ..data.loaders import dataset_key
 from ..distill.config import DistillConfig, validate
 from .presets import preset_config
 
@@ -71,19 +73,71 @@ class Cell:
 
 
 def load_spec(path: str) -> Dict[str, Any]:
-    """Read and check a TOML spec (tomllib on Python >= 3.11, else the tomli package)."""
+    """Read and check a TOML spec (tomllib on Python >= 3.11, else the tomli package); every refusal names
+    the file and the offending key."""
     try:
         import tomllib
     except ImportError:  # Python < 3.11
         import tomli as tomllib
-    with open(path, "rb") as fh:
-        spec = tomllib.load(fh)
-    if not spec.get("variants"):
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder, not a TOML spec file")
+    try:
+        with open(path, "rb") as fh:
+            spec = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not isinstance(spec.get("variants"), dict) or not spec["variants"]:
         raise ValueError(f"{path}: a spec needs a [variants] table (e.g. [variants.unweighted] weighting = \"none\")")
     unknown = sorted(set(spec) - GRID_KEYS - {"grid"})
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {unknown}; expected {sorted(GRID_KEYS | {'grid'})}")
+    bad = next((f"[variants.{k}] must be a table of config overrides, got {v!r}" for k, v in spec["variants"].items()
+                if not isinstance(v, dict)), None)
+    grids = spec.get("grid", [])
+    if bad is None and not (isinstance(grids, list) and all(isinstance(g, dict) for g in grids)):
+        bad = "grid must be a list of [[grid]] tables"
+    top = {k: v for k, v in spec.items() if k != "variants"}  # at the top level, variants is the table itself
+    for where, table in [("top level", top)] + [(f"[[grid]] {i}", g) for i, g in enumerate(spec.get("grid", []))
+                                                  if isinstance(g, dict)]:
+        bad = bad or _type_problem(table, where)
+    if bad:
+        raise ValueError(f"{path}: {bad}")
     return spec
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_rate_and_kind(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and isinstance(v[0], (int, float)) and not isinstance(v[0], bool) \
+        and isinstance(v[1], str)
+
+
+# grid key -> (check of one entry, what it must be); list keys hold lists of such entries
+_TYPES = {"name": (lambda v: isinstance(v, str), "a string"), "preset": (lambda v: isinstance(v, str), "a string"),
+          "config": (lambda v: isinstance(v, dict), "a table of config overrides")}
+_LISTS = {"methods": (lambda v: isinstance(v, str), "strings"), "datasets": (lambda v: isinstance(v, str), "strings"),
+          "variants": (lambda v: isinstance(v, str), "strings"), "ipc": (_is_int, "integers"),
+          "seeds": (_is_int, "integers"),
+          "noise": (_is_rate_and_kind, "[rate, kind] pairs such as [0.2, \"symmetric\"]")}
+
+
+def _type_problem(table: Dict[str, Any], where: str) -> str:
+    """The first key of ``table`` whose value has the wrong type, described in one line ("" if none)."""
+    for key, value in table.items():
+        if key in _TYPES and not _TYPES[key][0](value):
+            return f"{where}: {key} must be {_TYPES[key][1]}, got {value!r}"
+        if key in _LISTS:
+            ok, what = _LISTS[key]
+            if not isinstance(value, list) or not value:
+                return f"{where}: {key} must be a non-empty list of {what}, got {value!r}"
+            wrong = [i for i, v in enumerate(value) if not ok(v)]
+            if wrong:
+                return f"{where}: {key} must be a list of {what}; entries {wrong[:5]} are not ({value[wrong[0]]!r})"
+    return ""
 
 
 def _merge(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str, Any]:
@@ -136,14 +190,15 @@ def expand_cells(spec: Dict[str, Any]) -> List[Cell]:
 
 
 def _cell_config(grid, variant, method, dataset, ipc, rate, kind, seed) -> DistillConfig:
-    base = preset_config(grid.get("preset", "cpu"), method, dataset, ipc).to_dict()
-    merged = _merge(_merge(base, grid.get("config", {})), variant)
-    merged.update(noise=rate, noise_kind=kind, seed=seed)
     try:
+        dataset_key(dataset)  # an unknown name is refused here, not when the cell runs
+        base = preset_config(grid.get("preset", "cpu"), method, dataset, ipc).to_dict()
+        merged = _merge(_merge(base, grid.get("config", {})), variant)
+        merged.update(noise=rate, noise_kind=kind, seed=seed)
         cfg = DistillConfig.from_dict(merged)
-    except TypeError as err:  # an unknown nested key
-        raise ValueError(f"grid {grid['name']!r}: {err}") from None
-    validate(cfg)
+        validate(cfg)
+    except ValueError as err:  # an unknown preset, method or key, a value of the wrong type or out of range
+        raise ValueError(f"grid {grid['name']!r} ({method}, {dataset}, ipc {ipc}): {err}") from None
     return dataclasses.replace(cfg, method=method, dataset=dataset, ipc=ipc)
 
 

@@ -79,7 +79,10 @@ def config_from_args(args) -> DistillConfig:
     """The config a `distill` command line describes (a --config file wins)."""
     if args.config:
         with open(args.config) as fh:
-            return DistillConfig.from_dict(json.load(fh))
+            try:
+                return DistillConfig.from_dict(json.load(fh))
+            except ValueError as err:  # not JSON, or not a config: name the file
+                raise ValueError(f"--config {args.config}: {err}") from None
     from .presets import preset_config
 
     cfg = preset_config(args.preset, args.method, args.dataset, args.ipc)

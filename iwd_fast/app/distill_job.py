@@ -101,7 +101,8 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
             iwd.load_state_dict(state["iwd"])
         start, history = state["iteration"], state["history"]
         timer.seconds, timer.calls = state["timing"], state.get("timing_calls", {})
-        run.truncate_log(start)  # records logged after the checkpoint are about to be recomputed
+    if run is not None:
+        run.truncate_log(start)  # records a killed run logged after its checkpoint (or without one) are recomputed
     stop = cfg.iterations if until is None else min(int(until), cfg.iterations)
     bar = tqdm(range(start, stop), desc=f"{cfg.method} ipc{cfg.ipc} {cfg.weighting}", disable=not progress,
                initial=start, total=cfg.iterations)
@@ -245,10 +246,11 @@ def _finished_summary(out_dir, cfg: DistillConfig) -> Optional[Dict[str, Any]]:
 
 
 def _open_run(out_dir, cfg) -> Optional[RunFolder]:
-    """The run folder: a new one gets config and env; an existing one holds the same config (checked)."""
+    """The run folder, claimed for this process (a second process on it refuses, naming this one): a new one
+    gets config and env; an existing one holds the same config (checked)."""
     if out_dir is None:
         return None
-    run = RunFolder(out_dir)
+    run = RunFolder(out_dir).lock()
     if not _check_same_config(run.path, cfg):
         run.write_config(cfg)
         run.write_env()

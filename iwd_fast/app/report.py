@@ -24,8 +24,25 @@ TABLE_KEYS = ("grid", "method", "dataset", "ipc", "noise", "noise_kind", "budget
 LOOPED_METHODS = ("dc", "dsa")  # methods whose iterations are outer x inner loops (the header says so)
 
 
+# what every row needs (cell_row writes them all); the numeric ones are numbers or null
+ROW_KEYS = TABLE_KEYS + ("variant", "seed", "accuracy", "init_accuracy", "gain_over_init", "init_flipped_share")
+_NUMERIC = ("ipc", "noise", "seed", "accuracy", "init_accuracy", "gain_over_init", "init_flipped_share",
+            "weight_on_flipped", "flipped_share")
+
+
 def load_rows(path: str, allow_mixed: bool = False) -> List[Dict[str, Any]]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a suite's results.jsonl; a line that is not such a row is refused by its number."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the results.jsonl that `iwd-fast bench` wrote in it")
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            rows.append(_row(path, number, line))
     if not rows:
         raise ValueError(f"{path} holds no finished cells")
     shas = sorted({r.get("git_sha", "unknown") for r in rows})
@@ -33,6 +50,24 @@ def load_rows(path: str, allow_mixed: bool = False) -> List[Dict[str, Any]]:
         raise ValueError(f"{path}: rows come from {len(shas)} git shas {shas}; rerun the suite at one commit "
                          "(or pass --allow-mixed-shas)")
     return rows
+
+
+def _row(path: Path, number: int, line: str) -> Dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: line {number} is not JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}: line {number} is a JSON {type(row).__name__}, not a row object")
+    missing = [k for k in ROW_KEYS if k not in row]
+    if missing:
+        raise ValueError(f"{path}: line {number} lacks the keys {missing}: not a row `iwd-fast bench` wrote")
+    wrong = [k for k in _NUMERIC if row.get(k) is not None and (isinstance(row[k], bool) or
+                                                                not isinstance(row[k], (int, float)))]
+    if wrong:
+        raise ValueError(f"{path}: line {number}: {wrong} must be numbers (or null), got "
+                         f"{[row[k] for k in wrong]}")
+    return row
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> Dict[str, Optional[float]]:

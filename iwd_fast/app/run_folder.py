@@ -9,6 +9,7 @@ Layout of one run folder::
     <name>.json           any JSON document (save_json)
     checkpoint.pt         resumable state, written atomically (checkpoint / load_checkpoint)
     timing.json           accumulated wall-clock seconds per phase (timer)
+    .lock                 the claim of the process writing the folder (lock / FolderLock)
 """
 from __future__ import annotations
 
@@ -17,15 +18,18 @@ import datetime as _dt
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
+import time
+import weakref
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ["RunFolder", "environment", "git_sha", "git_dirty", "to_jsonable"]
+__all__ = ["RunFolder", "FolderLock", "environment", "git_sha", "git_dirty", "to_jsonable"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -89,6 +93,94 @@ def environment(device: Union[str, torch.device, None] = None) -> Dict[str, Any]
             "device_name": device_name, "git_sha": git_sha(), "git_dirty": git_dirty()}
 
 
+class FolderLock:
+    """One process's exclusive claim on an output folder: ``<folder>/.lock`` (or another ``name``, for a part
+    of the folder), held with ``flock``.
+
+    The kernel drops the claim when its process ends, however it ends (a SIGKILL included), so a killed
+    job never blocks its own restart; the file says who holds the claim (pid, host, start time, command)
+    so that a second process started on the same folder refuses in one line naming the first. Claims
+    within one process are counted, not refused (a job may reopen its own folder). The file stays after
+    release, emptied. Without ``fcntl`` (not POSIX) the claim is recorded but not enforced.
+
+        with FolderLock(out):          # or: lock = FolderLock(out).acquire(); ...; lock.release()
+            ...                        # ValueError: "<out> is in use by pid 123 on host h (since ...: cmd)"
+    """
+
+    _held: Dict[str, list] = {}  # lock path -> [file descriptor, claims] of this process
+
+    def __init__(self, folder: Union[str, Path], name: str = ".lock"):
+        self.folder, self.name = Path(folder), name
+        self._key: Optional[str] = None
+
+    def acquire(self) -> "FolderLock":
+        """Claim the folder (created if missing); refuses in one line when another process holds it."""
+        if self._key is not None:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.folder / self.name)
+        if key in self._held:
+            self._held[key][1] += 1
+            self._key = key
+            return self
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: record the claim, enforce nothing
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise ValueError(f"{self.folder} is in use by {self._owner(key)}; wait for it to finish or choose "
+                                 "another output folder") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])[:200] if sys.argv else "python"}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(me).encode())
+        os.fsync(fd)
+        self._held[key] = [fd, 1]
+        self._key = key
+        return self
+
+    def release(self) -> None:
+        """Give the claim back (the last claim of this process empties the file and unlocks it)."""
+        key, self._key = self._key, None
+        entry = self._held.get(key) if key is not None else None
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._held[key]
+            try:
+                os.ftruncate(entry[0], 0)
+            finally:
+                os.close(entry[0])  # closing the last descriptor drops the flock
+
+    @staticmethod
+    def _owner(key: str) -> str:
+        """"pid N on host H (since T: command)" from the lock file (its owner may still be writing it)."""
+        for _ in range(20):
+            try:
+                info = json.loads(Path(key).read_text() or "null")
+            except (OSError, ValueError):
+                info = None
+            if isinstance(info, dict):
+                cmd = " ".join(str(info.get("command", "")).split())
+                return f"pid {info.get('pid')} on host {info.get('host')} (since {info.get('since')}: {cmd})"
+            time.sleep(0.05)
+        return "another process (it has not written its name to the lock file yet)"
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class RunFolder:
     """One run's output folder; every writer returns the path it wrote.
 
@@ -107,6 +199,14 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
+
+    def lock(self) -> "RunFolder":
+        """Claim the folder for this process (see :class:`FolderLock`) until this object is dropped or the
+        process ends; refuses in one line, naming the owner, while another process writes it. Returns self."""
+        if getattr(self, "_lock", None) is None:
+            self._lock = FolderLock(self.path).acquire()
+            weakref.finalize(self, self._lock.release)
+        return self
 
     def file(self, name: str) -> Path:
         """Path of ``name`` inside the folder (no sub-folders, no '..')."""
@@ -160,11 +260,23 @@ class RunFolder:
         self._write_text("metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
     def read_log(self) -> list:
-        """All records of metrics.jsonl, in order ([] when nothing was logged)."""
+        """All records of metrics.jsonl, in order ([] when nothing was logged). A last line cut short (the
+        process was killed while appending it) is left out; a broken line before it is refused by number."""
         path = self.file("metrics.jsonl")
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = path.read_text().splitlines()
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if number == len(lines):
+                    break
+                raise ValueError(f"{path}: line {number} is not JSON ({err}); the metrics log is damaged") from None
+        return records
 
     def save_tensors(self, name: str, tensors: Dict[str, torch.Tensor]) -> Path:
         """Save a dict of tensors to ``<name>.safetensors`` (copied to CPU and made contiguous)."""

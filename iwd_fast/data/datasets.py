@@ -69,7 +69,13 @@ class DatasetSplits:
 
 
 def _channel_stats(images: torch.Tensor) -> Tuple[tuple, tuple]:
-    """Per-channel mean and std of ``images`` [N, C, H, W] (std floored so constant channels work)."""
+    """Per-channel mean and std of ``images`` [N, C, H, W] (std floored so constant channels work).
+
+    Images holding NaN or Inf are left out, so normalising keeps a non-finite pixel in its own image
+    instead of spreading it over every image (callers name the bad images by index)."""
+    if images.is_floating_point():
+        finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
+        images = images if bool(finite.all()) else images[finite]
     x = images.double().transpose(0, 1).reshape(images.shape[1], -1)
     mean = x.mean(dim=1)
     std = x.std(dim=1, unbiased=False).clamp_min(1e-8) if x.shape[1] > 0 else torch.ones_like(mean)

@@ -3,8 +3,9 @@
 Classes are the subfolder names in sorted order (label = position); files are taken in sorted order
 inside each class, so positions are stable. Every image is decoded with Pillow when read (DataLoader
 workers parallelise that), converted to the dataset's mode (1 channel "L" or 3 channels "RGB"),
-optionally resized, scaled to [0, 1] and normalised per channel. Sizes are checked from the file headers
-when the folder is opened, so a mixed-size folder is refused before any scoring work.
+optionally resized, scaled to [0, 1] and normalised per channel. Every file is opened and verified when
+the folder is opened (sizes from the headers, the format's own integrity check), so an unreadable or
+truncated file, or a mixed-size folder, is refused by position and path before any scoring work.
 """
 from __future__ import annotations
 
@@ -53,22 +54,34 @@ class ImageFolder(Dataset):
         if empty:
             raise ValueError(f"ImageFolder: class folders without images: {empty[:5]}")
         self.targets = [lab for _, lab in self.samples]
-        with Image.open(self.samples[0][0]) as first:
-            self.channels = channels or (1 if first.mode in ("1", "L", "I", "I;16", "F") else 3)
+        sizes, first_mode = self._headers(Image)
+        self.channels = channels or (1 if first_mode in ("1", "L", "I", "I;16", "F") else 3)
         if self.channels not in (1, 3):
             raise ValueError(f"ImageFolder: channels must be 1 or 3, got {self.channels}")
-        self.size = tuple(size) if size is not None else self._common_size(Image)
+        if size is not None and (len(tuple(size)) != 2 or min(int(v) for v in size) < 1):
+            raise ValueError(f"ImageFolder: size must be (H, W) of positive ints, got {size!r}")
+        self.size = tuple(int(v) for v in size) if size is not None else self._common_size(sizes)
         self.mean = tuple(mean) if mean is not None else (0.0,) * self.channels
         self.std = tuple(std) if std is not None else (1.0,) * self.channels
         if len(self.mean) != self.channels or len(self.std) != self.channels or min(self.std) <= 0:
             raise ValueError(f"ImageFolder: mean/std need {self.channels} entries and std > 0")
 
-    def _common_size(self, image_module) -> Tuple[int, int]:
-        """(H, W) shared by every image, read from the headers; refuses a mixed folder by position."""
-        sizes = []
-        for path, _ in self.samples:
-            with image_module.open(path) as im:
-                sizes.append((im.height, im.width))
+    def _headers(self, image_module) -> Tuple[List[Tuple[int, int]], str]:
+        """(H, W) of every file and the first file's mode; refuses an unreadable or damaged file by position."""
+        sizes, mode = [], ""
+        for i, (path, _) in enumerate(self.samples):
+            try:
+                with image_module.open(path) as im:
+                    sizes.append((im.height, im.width))
+                    mode = mode or im.mode
+                    im.verify()  # the format's integrity check (PNG: every chunk's CRC), without decoding
+            except Exception as err:  # noqa: BLE001 - Pillow's errors for a bad file vary by format
+                raise ValueError(f"ImageFolder: image at position {i} ({path}) cannot be read: "
+                                 f"{type(err).__name__}: {str(err).strip()[:160] or 'no detail'}") from None
+        return sizes, mode
+
+    def _common_size(self, sizes: List[Tuple[int, int]]) -> Tuple[int, int]:
+        """(H, W) shared by every image; refuses a mixed folder by position."""
         odd = [i for i, s in enumerate(sizes) if s != sizes[0]]
         if odd:
             raise ValueError(f"ImageFolder: images at positions {format_indices(odd)} (e.g. {self.samples[odd[0]][0]}, "
@@ -83,11 +96,15 @@ class ImageFolder(Dataset):
         """Image ``i`` as float32 [C, H, W] in [0, 1] (converted and resized, not normalised)."""
         from PIL import Image
 
-        with Image.open(self.samples[i][0]) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-            if (im.height, im.width) != self.size:
-                im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+        try:
+            with Image.open(self.samples[i][0]) as im:
+                im = im.convert("L" if self.channels == 1 else "RGB")
+                if (im.height, im.width) != self.size:
+                    im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+        except (OSError, ValueError, SyntaxError) as err:  # damaged after the folder was opened, or undetectable then
+            raise ValueError(f"ImageFolder: image at position {i} ({self.samples[i][0]}) cannot be decoded: "
+                             f"{type(err).__name__}: {str(err).strip()[:160]}") from None
         return torch.from_numpy(arr.reshape(self.size[0], self.size[1], -1).transpose(2, 0, 1).copy())
 
     def __getitem__(self, i: int):

@@ -19,7 +19,7 @@ import torch
 from .datasets import DatasetSplits, make_splits
 from .splits import stratified_split
 
-__all__ = ["DATASET_NAMES", "load_dataset", "read_idx"]
+__all__ = ["DATASET_NAMES", "dataset_key", "load_dataset", "read_idx"]
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
 
@@ -179,6 +179,15 @@ def _download(name: str, target: Path) -> None:
                 tar.extractall(target, **safe)
 
 
+def dataset_key(name: str) -> str:
+    """The name in :data:`DATASET_NAMES` that ``name`` (any case, ``_`` or ``-``, an alias) means; refuses others."""
+    key = str(name).lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    return key
+
+
 def load_dataset(name: str, root=None, download: bool = False) -> DatasetSplits:
     """Load ``name`` (one of :data:`DATASET_NAMES`) as normalised train/test :class:`ImageSet`.
 
@@ -186,10 +195,7 @@ def load_dataset(name: str, root=None, download: bool = False) -> DatasetSplits:
     ``/usr/share/datasets/<name>``. ``download=True`` fetches missing files into ``root`` (or the cache
     folder); without it the network is never touched.
     """
-    key = name.lower().replace("_", "-")
-    key = _ALIASES.get(key, key)
-    if key not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    key = dataset_key(name)
     if key == "digits":
         return _load_digits()
     dirs = _search_dirs(key, root)

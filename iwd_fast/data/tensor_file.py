@@ -43,6 +43,11 @@ def _read_raw(path: Path) -> Dict[str, torch.Tensor]:
     raise ValueError(f"tensor file {path}: unknown suffix {suffix!r}; use one of {', '.join(TENSOR_FILE_SUFFIXES)}")
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else "no detail"
+
+
 def _pick(raw: Dict[str, torch.Tensor], keys, path: Path, what: str, prefix: str = "") -> Optional[torch.Tensor]:
     for k in keys:
         if prefix + k in raw:
@@ -60,6 +65,8 @@ def _images(t: torch.Tensor, path: Path, what: str) -> torch.Tensor:
     if t.dim() != 4:
         raise ValueError(f"tensor file {path}: {what} must be [N, C, H, W], [N, H, W] or [N, H, W, C], "
                          f"got shape {tuple(t.shape)}")
+    if min(t.shape[1:]) == 0:
+        raise ValueError(f"tensor file {path}: {what} of shape {tuple(t.shape)} have an empty channel or side")
     if t.dtype == torch.uint8:
         return t.float().div_(255.0)
     if not t.is_floating_point():
@@ -72,7 +79,18 @@ def read_tensor_file(path) -> Tuple[torch.Tensor, torch.Tensor, Optional[Tuple[t
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tensor file {path} does not exist")
-    raw = _read_raw(path)
+    if path.suffix.lower() not in TENSOR_FILE_SUFFIXES:
+        raise ValueError(f"tensor file {path}: unknown suffix {path.suffix!r}; use one of "
+                         f"{', '.join(TENSOR_FILE_SUFFIXES)}")
+    try:
+        raw = _read_raw(path)
+    except ValueError as err:
+        if str(err).startswith(f"tensor file {path}"):
+            raise
+        raise ValueError(f"tensor file {path}: cannot read it ({_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 - truncated, corrupt or not this format: the readers' errors vary
+        raise ValueError(f"tensor file {path}: cannot read it, truncated or not a {path.suffix} file "
+                         f"({type(err).__name__}: {_first_line(err)})") from None
     images = _images(_pick(raw, _IMAGE_KEYS, path, "images"), path, "images")
     labels = as_labels(_pick(raw, _LABEL_KEYS, path, "labels"), f"tensor file {path}")
     if labels.shape[0] != images.shape[0]:

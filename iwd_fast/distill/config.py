@@ -157,11 +157,10 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "DistillConfig":
+        from .config_types import check_config_types
+
+        check_config_types(cls, d)  # every key known and of its field's type, nested tables included
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys: {unknown}")
         for key, sub in (("iwd", IWDSpec), ("net", NetSpec), ("tm", TrajectorySpec), ("idc", IDCSpec)):
             if isinstance(d.get(key), dict):
                 d[key] = sub(**d[key])
@@ -215,6 +214,7 @@ def validate(cfg: DistillConfig) -> None:
             raise ValueError(message)
 
     need(cfg.method in METHODS, f"unknown method {cfg.method!r}; choose from {sorted(METHODS)}")
+    method_check = getattr(METHODS[cfg.method], "check_config", None)  # a method's own options (IDC, MTT, DATM)
     need(isinstance(cfg.ipc, int) and cfg.ipc >= 1, f"ipc must be a positive integer, got {cfg.ipc!r}")
     need(0.0 <= float(cfg.noise) < 1.0, f"noise must be a rate in [0, 1), got {cfg.noise}")
     need(cfg.noise_kind in NOISE_KINDS, f"noise_kind must be one of {NOISE_KINDS}, got {cfg.noise_kind!r}")
@@ -225,6 +225,7 @@ def validate(cfg: DistillConfig) -> None:
     need(cfg.batch_real >= 1 and cfg.lr_img > 0 and cfg.lr_net > 0,
          f"need batch_real >= 1, lr_img > 0, lr_net > 0; got {cfg.batch_real}, {cfg.lr_img}, {cfg.lr_net}")
     need(cfg.train_size >= 0 and cfg.test_size >= 0, "train_size and test_size must be >= 0 (0: all)")
+    need(cfg.eval_every >= 0, f"eval_every must be >= 0 (0: only at the end), got {cfg.eval_every}")
     spec = cfg.iwd
     check_target(spec.influence)
     sign_for(spec.influence, spec.sign)
@@ -255,3 +256,5 @@ def validate(cfg: DistillConfig) -> None:
         (needs_warmup(cfg) and warmup_target(cfg) == "validation")
     need(not uses_heldout or spec.heldout_fraction > 0,
          "the validation target needs a held-out split: set iwd.heldout_fraction > 0")
+    if method_check is not None:
+        method_check(cfg)

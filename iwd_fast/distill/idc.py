@@ -102,10 +102,10 @@ class IDC(GradientMatching):
 
     STREAMS = MethodStreams(Stream.IDC_SAMPLER, Stream.IDC_AUGMENT, Stream.IDC_NETWORKS)
 
-    @classmethod
-    def prepare(cls, ctx) -> Preparation:
-        """Stage hook: checks the IDC options; for init "mix" draws factor**2 real images per stored image."""
-        cfg, spec, pool = ctx.cfg, ctx.cfg.idc, ctx.pool
+    @staticmethod
+    def check_config(cfg) -> None:
+        """The IDC options, refused in one line (``config.validate`` calls this before any work)."""
+        spec = cfg.idc
         if spec.factor < 1 or spec.inner_loop < 1 or spec.net_images < 0 or spec.batch_syn_max < 1:
             raise ValueError(f"idc: need factor >= 1, inner_loop >= 1, net_images >= 0, batch_syn_max >= 1; got "
                              f"{spec.factor}, {spec.inner_loop}, {spec.net_images}, {spec.batch_syn_max}")
@@ -113,6 +113,12 @@ class IDC(GradientMatching):
             raise ValueError(f"idc.metric must be one of {IDC_METRICS}, got {spec.metric!r}")
         if spec.init not in ("mix", "real"):
             raise ValueError(f"idc.init must be 'mix' or 'real', got {spec.init!r}")
+
+    @classmethod
+    def prepare(cls, ctx) -> Preparation:
+        """Stage hook: checks the IDC options; for init "mix" draws factor**2 real images per stored image."""
+        cfg, spec, pool = ctx.cfg, ctx.cfg.idc, ctx.pool
+        cls.check_config(cfg)
         if spec.init == "real" or spec.factor == 1:
             return Preparation(pool=pool, test=ctx.test)
         k = spec.factor ** 2

@@ -7,6 +7,7 @@ under dataset scoring): one batch, an impl already resolved, dots and/or norms i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional, Sequence, Tuple
 
@@ -21,7 +22,8 @@ from .jvp import grad_dot_jvp
 from .rules import UnsupportedLayerError, couples_samples
 from .losses import LossSpec, PerSampleLoss, check_labels, resolve_loss
 
-__all__ = ["grad_dot", "grad_norm_sq", "score_batch", "check_batch_inputs", "norm_param_names"]
+__all__ = ["grad_dot", "grad_norm_sq", "score_batch", "check_batch_inputs", "norm_param_names",
+           "explain_forward_failure", "forward_problem"]
 
 
 def grad_dot(
@@ -59,7 +61,8 @@ def grad_dot(
         out = inputs.new_zeros((0, stacked.k), dtype=next(iter(stacked.tensors.values())).dtype)
         return out[:, 0] if stacked.single else out
     concrete = dispatch.resolve_model_impl(impl, model, list(stacked.tensors), inputs.device, allow_jvp=True)
-    s, _ = score_batch(model, inputs, labels, concrete, loss, loss_fn, stacked=stacked, chunk_size=chunk_size)
+    with explain_forward_failure("grad_dot", model, inputs):
+        s, _ = score_batch(model, inputs, labels, concrete, loss, loss_fn, stacked=stacked, chunk_size=chunk_size)
     _refuse_nonfinite_scores("grad_dot", s)
     return s[:, 0] if stacked.single else s
 
@@ -90,7 +93,8 @@ def grad_norm_sq(
         raise dispatch.ImplUnavailableError("grad_norm_sq: impl='jvp' needs one pass per parameter; use 'reference' "
                                              "or a hook impl")
     concrete = dispatch.resolve_model_impl(impl, model, names, inputs.device, allow_jvp=False)
-    _, n = score_batch(model, inputs, labels, concrete, loss, loss_fn, norm_names=names, chunk_size=chunk_size)
+    with explain_forward_failure("grad_norm_sq", model, inputs):
+        _, n = score_batch(model, inputs, labels, concrete, loss, loss_fn, norm_names=names, chunk_size=chunk_size)
     _refuse_nonfinite_scores("grad_norm_sq", n)
     return n
 
@@ -102,6 +106,37 @@ def norm_param_names(model: nn.Module, params: Optional[Sequence[str]]) -> list:
     if unknown:
         raise ValueError(f"params names parameters the model does not have: {unknown}")
     return names
+
+
+@contextlib.contextmanager
+def explain_forward_failure(where: str, model: nn.Module, inputs: torch.Tensor):
+    """Turn a failure of the scoring pass whose cause is that ``model`` cannot run on ``inputs`` at all
+    (wrong shape or dtype for its layers) into one ValueError naming the inputs and the model's complaint.
+
+    Costs nothing when the pass succeeds: only after a RuntimeError or TypeError is a plain forward of the
+    first inputs tried (no gradients, buffers untouched); if that forward runs, the original error stands.
+    """
+    try:
+        yield
+    except (RuntimeError, TypeError) as err:
+        problem = forward_problem(model, inputs[:2])
+        if problem is None:
+            raise
+        raise ValueError(f"{where}: the model cannot run on inputs {inputs.dtype} {tuple(inputs.shape)}: "
+                         f"{problem}") from err
+
+
+def forward_problem(model: nn.Module, inputs: torch.Tensor) -> Optional[str]:
+    """The first line of the error a plain forward of ``inputs`` raises (no gradients, buffers cloned so
+    running statistics stay untouched), or None when it runs."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, buffers, (inputs,), strict=False)
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        text = str(err).strip()
+        return f"{type(err).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+    return None
 
 
 def check_batch_inputs(where: str, inputs: torch.Tensor, labels: torch.Tensor) -> None:

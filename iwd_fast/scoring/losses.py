@@ -23,8 +23,8 @@ def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torc
     """
     if labels.is_floating_point():
         loss = -(labels * F.log_softmax(logits, dim=1)).sum(dim=1)
-    else:
-        loss = F.cross_entropy(logits, labels, reduction="none")
+    else:  # any integer dtype (int32 labels included; F.cross_entropy takes int64 only)
+        loss = F.cross_entropy(logits, labels if labels.dtype == torch.int64 else labels.long(), reduction="none")
     return loss.reshape(loss.shape[0], -1).sum(dim=1) if loss.dim() > 1 else loss
 
 
@@ -56,6 +56,10 @@ def check_labels(loss: LossSpec, outputs_shape: torch.Size, labels: torch.Tensor
         raise ValueError(f"labels have {labels.shape[0]} rows but inputs have {batch}")
     if callable(loss) or batch == 0:
         return
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be integer class indices or float soft labels, got {labels.dtype}")
+    if len(outputs_shape) < 2:
+        raise ValueError(f"cross entropy needs logits [B, C] but the model's outputs have shape {tuple(outputs_shape)}")
     num_classes = outputs_shape[1]
     if labels.is_floating_point():
         if labels.dim() == 1 and len(outputs_shape) >= 2:
@@ -68,6 +72,10 @@ def check_labels(loss: LossSpec, outputs_shape: torch.Size, labels: torch.Tensor
         if bad.any():
             raise ValueError(f"soft labels must be finite and non-negative; bad rows: {format_indices(bad)}")
         return
+    if labels.shape[1:] != outputs_shape[2:]:
+        want = f"[{batch}]" if len(outputs_shape) == 2 else f"{[batch, *outputs_shape[2:]]} (dense logits)"
+        raise ValueError(f"class-index labels of shape {tuple(labels.shape)} do not fit the model's logits "
+                         f"{tuple(outputs_shape)}: cross entropy takes labels {want}")
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
         rows = bad.reshape(batch, -1).any(1)

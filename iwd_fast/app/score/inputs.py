@@ -17,6 +17,8 @@ from ...data.image_folder import ImageFolder, channel_stats
 from ...data.tensor_file import TENSOR_FILE_SUFFIXES, read_tensor_file
 from ...evaluate import build_eval_network
 from ...networks import NETWORK_NAMES, NetSpec
+from ...scoring.checks import check_finite
+from ...scoring.dataset.source import nonfinite_rows
 
 __all__ = ["ScoreData", "load_score_data", "build_model", "load_checkpoint", "describe_dataset_spec"]
 
@@ -24,7 +26,8 @@ __all__ = ["ScoreData", "load_score_data", "build_model", "load_checkpoint", "de
 @dataclass
 class ScoreData:
     """The set to score. ``train``: an ImageSet (in memory) or a lazy dataset (an image folder);
-    ``labels`` int64 [N] either way; ``test``: an ImageSet or None."""
+    ``labels`` int64 [N] either way; ``test``: an ImageSet or None; ``raw_nonfinite``: bool [N], the
+    in-memory images whose pixels held NaN or Inf as read (before any normalisation), None for a folder."""
 
     name: str
     train: object
@@ -33,6 +36,7 @@ class ScoreData:
     channels: int
     im_size: Tuple[int, int]
     test: Optional[ImageSet]
+    raw_nonfinite: Optional[torch.Tensor] = None
 
     @property
     def in_memory(self) -> bool:
@@ -44,7 +48,8 @@ class ScoreData:
             return self
         ds = self.train
         images = from_torch_dataset(ds, self.name, self.num_classes, normalize=False, mean=ds.mean, std=ds.std)
-        return ScoreData(self.name, images, self.labels, self.num_classes, self.channels, self.im_size, self.test)
+        return ScoreData(self.name, images, self.labels, self.num_classes, self.channels, self.im_size, self.test,
+                         nonfinite_rows(images.images))
 
 
 def describe_dataset_spec() -> str:
@@ -66,7 +71,8 @@ def load_score_data(spec: str, data_root=None, download: bool = False, normalize
     if key in DATASET_NAMES or key in ("fmnist", "fashionmnist", "cifar-10", "cifar-100"):
         splits = load_dataset(spec, root=data_root, download=download)
         t = splits.train
-        return ScoreData(t.name, t, t.labels, t.num_classes, t.channels, t.im_size, splits.test)
+        return ScoreData(t.name, t, t.labels, t.num_classes, t.channels, t.im_size, splits.test,
+                         nonfinite_rows(t.images))
     raise ValueError(f"--dataset {spec!r} is not a built-in name, a folder or a tensors file; give "
                      f"{describe_dataset_spec()}")
 
@@ -82,7 +88,12 @@ def _image_folder(path: Path, normalize: str, image_size) -> ScoreData:
 
 def _tensor_file(path: Path, normalize: str) -> ScoreData:
     images, labels, test = read_tensor_file(path)
-    num_classes = int(labels.max()) + 1 if labels.numel() else 0
+    if labels.numel() == 0:
+        raise ValueError(f"tensor file {path} holds no images (0 labels)")
+    raw_nonfinite = nonfinite_rows(images)  # before the normalisation, which would spread a NaN over every image
+    if test is not None:
+        check_finite(test[0], f"tensor file {path}", "test_images")
+    num_classes = int(labels.max()) + 1
     if test is not None:
         num_classes = max(num_classes, int(test[1].max()) + 1 if test[1].numel() else 0)
     train = from_tensors(images, labels, path.stem, num_classes, normalize=normalize == "auto")
@@ -90,7 +101,8 @@ def _tensor_file(path: Path, normalize: str) -> ScoreData:
     if test is not None:
         test_set = from_tensors(test[0], test[1], path.stem + "-test", num_classes, normalize=normalize == "auto",
                                 mean=train.mean, std=train.std)
-    return ScoreData(path.stem, train, train.labels, num_classes, train.channels, train.im_size, test_set)
+    return ScoreData(path.stem, train, train.labels, num_classes, train.channels, train.im_size, test_set,
+                     raw_nonfinite)
 
 
 def build_model(spec: str, data: ScoreData, width: int, seed: int) -> nn.Module:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,9 @@ from tqdm.auto import tqdm
 
 from ...data import add_label_noise, stratified_split
 from ...evaluate import EvalSpec, test_accuracy, train_network
+from ...runtime import resolve_device
 from ...scoring import dispatch
-from ...scoring.checks import check_finite
+from ...scoring.checks import format_indices
 from ...scoring.dataset import Shard, init_from_env, score_dataset
 from ...weighting import InfluenceWeighter, auroc, sign_for, weight_mass_on
 from ..run_folder import RunFolder
@@ -81,16 +83,10 @@ def _record(cfg: ScoreConfig) -> Dict[str, Any]:
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-        raise ValueError(f"--device {name}: {why} (torch {torch.__version__}); use --device cpu")
-    return dev
+        return resolve_device(name)
+    except ValueError as err:  # the option's name in front
+        raise ValueError(f"--{err}") from None
 
 
 def _check_options(cfg: ScoreConfig, device: torch.device) -> None:
@@ -98,14 +94,21 @@ def _check_options(cfg: ScoreConfig, device: torch.device) -> None:
         raise ValueError(f"--target must be validation, self or direction, got {cfg.target!r}")
     if (cfg.target == "direction") != (cfg.direction is not None):
         raise ValueError("--direction FILE goes with --target direction (and only with it)")
-    if cfg.direction is not None and not Path(cfg.direction).is_file():
-        raise FileNotFoundError(f"--direction {cfg.direction} does not exist")
+    for option, path in (("--direction", cfg.direction), ("--checkpoint", cfg.checkpoint)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{option} {path} does not exist")
     if cfg.validation_data is not None and cfg.target != "validation":
         raise ValueError("--validation-data goes with --target validation")
     if not 0.0 <= cfg.noise < 1.0:
         raise ValueError(f"--noise is a rate in [0, 1), got {cfg.noise}")
     if not 0.0 < cfg.heldout < 1.0:
         raise ValueError(f"--heldout is a fraction in (0, 1), got {cfg.heldout}")
+    if not (cfg.temperature > 0):  # also refuses nan; inf gives uniform weights
+        raise ValueError(f"--temperature must be > 0 (inf allowed), got {cfg.temperature}")
+    if not (0 < cfg.scale < math.inf):
+        raise ValueError(f"--scale must be a finite number > 0, got {cfg.scale}")
+    if cfg.width < 1:
+        raise ValueError(f"--width must be >= 1, got {cfg.width}")
     if cfg.epochs < 0 or cfg.batch < 1 or cfg.chunk_batches < 1:
         raise ValueError(f"--epochs >= 0, --batch >= 1 and --chunk-batches >= 1, got {cfg.epochs}, {cfg.batch}, "
                          f"{cfg.chunk_batches}")
@@ -154,8 +157,10 @@ def run_score(cfg: ScoreConfig, out: str, *, data_root=None, download: bool = Fa
     if done is not None:
         return {**done, "already_complete": True}
     data = load_score_data(cfg.dataset, data_root, download, cfg.normalize, cfg.image_size)
-    if data.in_memory and cfg.nonfinite == "error":
-        check_finite(data.train.images, "score", "images")  # before any training, naming the positions
+    finite = None if not data.in_memory else ~data.raw_nonfinite  # as read, before any normalisation
+    if finite is not None and cfg.nonfinite == "error" and not bool(finite.all()):  # before any training
+        raise ValueError(f"score: non-finite images (NaN or Inf) at indices {format_indices(~finite)} of "
+                         f"{cfg.dataset}; pass --nonfinite skip to give them weight 0")
     labels, flipped = data.labels, torch.zeros(len(data.labels), dtype=torch.bool)
     if cfg.noise > 0:
         labels, flipped = add_label_noise(data.labels, cfg.noise, cfg.noise_kind, data.num_classes, seed=cfg.seed)
@@ -168,16 +173,12 @@ def run_score(cfg: ScoreConfig, out: str, *, data_root=None, download: bool = Fa
             raise ValueError(f"--impl {cfg.impl}: {problem}; use --impl auto (falls back to jvp) or jvp")
     if cfg.checkpoint is not None:
         load_checkpoint(model, cfg.checkpoint)
-    run = None
-    if shard.leader:  # every check passed: the run folder starts here
-        run = RunFolder(out)
-        run.save_json("config.json", record)
-    trainable = keep
-    if data.in_memory:  # under --nonfinite skip, NaN/Inf images are scored NaN (weight 0), never trained on
-        finite = torch.isfinite(data.train.images.flatten(1)).all(dim=1)
-        trainable = keep[finite[keep]]
+    run = _claim(out, record, shard)  # every check passed: the run folder starts here
+    trainable, usable_held = keep, held
+    if finite is not None:  # under --nonfinite skip, NaN/Inf images are scored NaN (weight 0), never trained on
+        trainable, usable_held = keep[finite[keep]], held[finite[held]]
     train_seconds = _prepare_model(model, cfg, data, labels, trainable, run, shard, device, progress)
-    validation = held if cfg.validation_data is None else _validation_set(cfg, data_root, download, labels)
+    validation = usable_held if cfg.validation_data is None else _validation_set(cfg, data_root, download, labels)
     images = data.train if not data.in_memory else (data.train.images, labels)
     result = score_dataset(model, images, cfg.target, validation=validation if cfg.target == "validation" else None,
                            directions=cfg.direction, scale=cfg.scale, out=out, batch_size=cfg.batch,
@@ -212,6 +213,19 @@ def _prepare_model(model, cfg: ScoreConfig, data: ScoreData, labels, keep, run, 
     if shard.active:
         model.load_state_dict(synced)
     return seconds
+
+
+def _claim(out: str, record: Dict[str, Any], shard: Shard) -> Optional[RunFolder]:
+    """Rank 0 claims the run folder for this job (another job writing it is named in the refusal, which
+    reaches every rank) and writes config.json; other ranks get None."""
+    box: Dict[str, RunFolder] = {}
+
+    def claim() -> None:
+        box["run"] = RunFolder(out).lock()
+        box["run"].save_json("config.json", record)
+
+    _shared_verdict(shard, claim)
+    return box.get("run")
 
 
 def _shared_verdict(shard: Shard, check):

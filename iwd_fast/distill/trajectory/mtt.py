@@ -16,7 +16,7 @@ import torch
 from ...evaluate import EvalSpec
 from ...runtime import MethodStreams, Stream, mix_seed
 from ..base import Distiller
-from .prepare import prepare_trajectory
+from .prepare import check_trajectory_config, prepare_trajectory
 from .student import matching_loss, unroll
 
 __all__ = ["TrajectoryMatching"]
@@ -32,6 +32,7 @@ class TrajectoryMatching(Distiller):
 
     STREAMS = MethodStreams(Stream.TM_SAMPLER, Stream.TM_AUGMENT, Stream.TM_SCHEDULE)
     USES_DSA = True
+    check_config = staticmethod(check_trajectory_config)  # config.validate calls it before any work
 
     @classmethod
     def prepare(cls, ctx):

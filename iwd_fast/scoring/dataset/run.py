@@ -129,8 +129,6 @@ def _run(model, src: Source, target, validation, directions, scale, out, chunk_b
     if _open(store, shard, chunk_size, src.n, create=False) == "complete":
         return _reported(store, shard, identity, tgt)
     num_classes = _probe(model, src, loss, device)
-    if src.tensors is not None:
-        _check_label_range(src.tensors[1], num_classes, 0)
     _open(store, shard, chunk_size, src.n, create=True)  # nothing is written before every check passed
     stacked = _directions(model, tgt, store, shard, loss_fn, device, progress)
     n_chunks = -(-src.n // chunk_size)
@@ -146,8 +144,16 @@ def _probe(model, src: Source, loss, device) -> Optional[int]:
         return None
     x, y = split_batch(next(iter(src.loader(range(min(2, src.n))))), 0)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    with torch.no_grad():
-        shape = torch.func.functional_call(model, buffers, (x.to(device),), strict=False).shape
+    try:
+        with torch.no_grad():
+            shape = torch.func.functional_call(model, buffers, (x.to(device),), strict=False).shape
+    except (RuntimeError, TypeError, IndexError) as err:
+        text = str(err).strip()
+        raise ValueError(f"score_dataset: the model cannot run on the dataset's inputs ({x.dtype} "
+                         f"{tuple(x.shape[1:])} per item): {type(err).__name__}: "
+                         f"{text.splitlines()[0] if text else 'no detail'}") from err
+    if src.tensors is not None and len(shape) > 1:  # every label at once, named by dataset position
+        _check_label_range(src.tensors[1], int(shape[1]), 0)
     check_labels(loss, shape, y.to(device), x.shape[0])
     return int(shape[1])
 
