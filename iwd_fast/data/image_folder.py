@@ -35,8 +35,6 @@ class ImageFolder(Dataset):
 
     def __init__(self, root, size: Optional[Tuple[int, int]] = None, channels: Optional[int] = None,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
-        from PIL import Image
-
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolder: {self.root} is not a folder")
@@ -53,21 +51,21 @@ class ImageFolder(Dataset):
         if empty:
             raise ValueError(f"ImageFolder: class folders without images: {empty[:5]}")
         self.targets = [lab for _, lab in self.samples]
-        with Image.open(self.samples[0][0]) as first:
+        with _open_image(self.samples[0][0]) as first:
             self.channels = channels or (1 if first.mode in ("1", "L", "I", "I;16", "F") else 3)
         if self.channels not in (1, 3):
             raise ValueError(f"ImageFolder: channels must be 1 or 3, got {self.channels}")
-        self.size = tuple(size) if size is not None else self._common_size(Image)
+        self.size = tuple(int(v) for v in size) if size is not None else self._common_size()
         self.mean = tuple(mean) if mean is not None else (0.0,) * self.channels
         self.std = tuple(std) if std is not None else (1.0,) * self.channels
         if len(self.mean) != self.channels or len(self.std) != self.channels or min(self.std) <= 0:
             raise ValueError(f"ImageFolder: mean/std need {self.channels} entries and std > 0")
 
-    def _common_size(self, image_module) -> Tuple[int, int]:
+    def _common_size(self) -> Tuple[int, int]:
         """(H, W) shared by every image, read from the headers; refuses a mixed folder by position."""
         sizes = []
         for path, _ in self.samples:
-            with image_module.open(path) as im:
+            with _open_image(path) as im:
                 sizes.append((im.height, im.width))
         odd = [i for i, s in enumerate(sizes) if s != sizes[0]]
         if odd:
@@ -83,17 +81,31 @@ class ImageFolder(Dataset):
         """Image ``i`` as float32 [C, H, W] in [0, 1] (converted and resized, not normalised)."""
         from PIL import Image
 
-        with Image.open(self.samples[i][0]) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-            if (im.height, im.width) != self.size:
-                im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+        path = self.samples[i][0]
+        with _open_image(path) as im:
+            try:
+                im = im.convert("L" if self.channels == 1 else "RGB")
+                if (im.height, im.width) != self.size:
+                    im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+            except Exception as err:  # noqa: BLE001 - a truncated or corrupt file fails when decoded
+                raise ValueError(f"ImageFolder: cannot decode {path} ({type(err).__name__}: {err})") from None
         return torch.from_numpy(arr.reshape(self.size[0], self.size[1], -1).transpose(2, 0, 1).copy())
 
     def __getitem__(self, i: int):
         m = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         s = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         return (self.pixels(i) - m) / s, self.samples[i][1]
+
+
+def _open_image(path: Path):
+    """``PIL.Image.open(path)``; a file Pillow cannot read is refused in one line naming it."""
+    from PIL import Image
+
+    try:
+        return Image.open(path)
+    except Exception as err:  # noqa: BLE001 - not an image, unknown format, unreadable
+        raise ValueError(f"ImageFolder: cannot read {path} ({type(err).__name__}: {err})") from None
 
 
 def channel_stats(folder: ImageFolder, max_images: int = 1000) -> Tuple[tuple, tuple]:

@@ -19,7 +19,7 @@ import torch
 from .datasets import DatasetSplits, make_splits
 from .splits import stratified_split
 
-__all__ = ["DATASET_NAMES", "load_dataset", "read_idx"]
+__all__ = ["DATASET_NAMES", "load_dataset", "read_idx", "builtin_name"]
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
 
@@ -179,6 +179,13 @@ def _download(name: str, target: Path) -> None:
                 tar.extractall(target, **safe)
 
 
+def builtin_name(name: str) -> Optional[str]:
+    """The built-in dataset ``name`` refers to (aliases such as "fmnist" resolved), or None."""
+    key = str(name).lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    return key if key in DATASET_NAMES else None
+
+
 def load_dataset(name: str, root=None, download: bool = False) -> DatasetSplits:
     """Load ``name`` (one of :data:`DATASET_NAMES`) as normalised train/test :class:`ImageSet`.
 
@@ -186,9 +193,8 @@ def load_dataset(name: str, root=None, download: bool = False) -> DatasetSplits:
     ``/usr/share/datasets/<name>``. ``download=True`` fetches missing files into ``root`` (or the cache
     folder); without it the network is never touched.
     """
-    key = name.lower().replace("_", "-")
-    key = _ALIASES.get(key, key)
-    if key not in DATASET_NAMES:
+    key = builtin_name(name)
+    if key is None:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if key == "digits":
         return _load_digits()
