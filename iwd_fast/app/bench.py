@@ -63,7 +63,10 @@ def _run_cell(cell_dir: str, config: Dict[str, Any], threads: int, init_cache: s
 def run_bench(spec_path: str, out: str, jobs: int = 1, threads: int = 1, shard: Optional[str] = None,
               progress: bool = True, data_root: Optional[str] = None) -> Dict[str, Any]:
     """Run the cells of ``spec_path`` that belong to ``shard`` and are not finished; then collect."""
-    cells = expand_cells(load_spec(spec_path))
+    notes: Dict[str, List[str]] = {}
+    cells = expand_cells(load_spec(spec_path), notes)
+    for what, lines in notes.items():  # presets scaled to datasets of one's own, said before any cell runs
+        print(f"{what}: " + "; ".join(lines))
     if data_root:
         import dataclasses
 
