@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's iwd_fast, whatever is installed
 from harness import append_jsonl, environment, markdown_table, read_jsonl, results_path  # noqa: E402
 
 RESULTS = "user_data"

@@ -106,8 +106,7 @@ def config_from_args(args, data: Optional[UserData] = None) -> Tuple[DistillConf
         from .scaling import scaled_config
 
         fixed = {f for f, given in (("train_size", args.train_size), ("net", args.model)) if given is not None}
-        cfg, notes = scaled_config(args.preset, args.method, str(Path(args.dataset).resolve()), data,
-                                                args.ipc, fixed)
+        cfg, notes = scaled_config(args.preset, args.method, str(Path(args.dataset).resolve()), data, args.ipc, fixed)
         cfg = cfg.replace(data=user_data_spec(args))
     if args.model is not None:
         cfg = cfg.replace(net=dataclasses.replace(cfg.net, name=args.model))

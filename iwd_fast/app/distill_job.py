@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import DatasetSplits, load_dataset, stratified_subset
-from ..data.user_data import is_user_dataset, open_user_data
 from ..data.augment import default_strategy
+from ..data.user_data import is_user_dataset, open_user_data
 from ..distill import METHODS, IWDState, SyntheticSet
 from ..distill.base import PLAIN_REAL_SIDE, SCORED_REAL_SIDE
 from ..distill.config import DistillConfig, needs_warmup, validate
