@@ -8,10 +8,10 @@ built-in `fashion-mnist` run of the same seed.
 ``write`` puts the idx files' images into ``DATA/train/<k>_<class>/<index>.png`` and ``DATA/test/...`` (class
 folders numbered so that their sorted order is the built-in label order; file names the image's position in
 the idx file) and all of them into ``DATA/fashion-mnist.npz`` (uint8 images, labels, test arrays, class names).
-``run`` distils each source (the built-in name, the folder with ``--test``, the tensors file) with DC at the
+``run`` distils each source (the built-in name, the folder with ``--test``, the tensors file; ORDER) with DC at the
 cpu preset (IPC 10, seed 0, a 10,000-image training subset, 2,000 test images), with and without IWD
 (``--weighting auto``), one at a time on ``--threads`` torch threads, through the command line's own entry
-point; one JSON line per run goes to benchmarks/results/user_data.jsonl, with a hash of the synthetic images
+point; one JSON line per finished run goes to benchmarks/results/user_data.jsonl, with a hash of the synthetic images
 (equal hashes: bitwise the same synthetic set) and the environment (git sha).
 """
 from __future__ import annotations
@@ -62,32 +62,39 @@ SOURCES = {"built-in": lambda d: ["--dataset", "fashion-mnist"],
            "tensors file": lambda d: ["--dataset", str(d / "fashion-mnist.npz")]}
 
 
-def run(data: Path, runs: Path, seed: int) -> List[Dict[str, Any]]:
+# The order of the runs: the folder against the built-in name first (with and without IWD), the tensors file last.
+ORDER = [("built-in", "none"), ("PNG folder", "none"), ("built-in", "auto"), ("PNG folder", "auto"),
+         ("tensors file", "none"), ("tensors file", "auto")]
+
+
+def run(data: Path, runs: Path, seed: int, path: Path) -> List[Dict[str, Any]]:
+    """Every run of ORDER, one at a time; each row is appended to ``path`` as soon as its run has finished."""
     from safetensors.torch import load_file
 
     from iwd_fast.app.cli import main as cli
 
     rows = []
     env = environment(torch.device("cpu"))  # before the runs: the commit that runs them
-    for weighting in ("none", "auto"):
-        for source, args in SOURCES.items():
-            out = runs / f"{source.replace(' ', '-')}_{weighting}_s{seed}"
-            started = time.perf_counter()
-            code = cli(["distill", "--method", "dc", "--ipc", "10", "--preset", "cpu", "--seed", str(seed),
-                        "--train-size", "10000", "--weighting", weighting, "--out", str(out), "--quiet", *args(data)])
-            if code != 0:
-                raise SystemExit(f"{source} {weighting}: iwd-fast distill failed ({code})")
-            s = json.loads((out / "summary.json").read_text())
-            images = load_file(str(out / "synthetic.safetensors"))["images"]
-            record = json.loads((out / "data.json").read_text())
-            rows.append({"source": source, "weighting": weighting, "seed": seed, "method": "dc", "ipc": 10,
-                         "preset": "cpu", "init_accuracy": s["init_accuracy"]["mean"], "accuracy": s["accuracy"]["mean"],
-                         "accs": s["accuracy"]["accs"], "init_accs": s["init_accuracy"]["accs"],
-                         "gain_over_init": s["gain_over_init"], "noise_estimate": s.get("noise_estimate"),
-                         "synthetic_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16],
-                         "data_fingerprint": record["fingerprint"], "mean": record["mean"], "std": record["std"],
-                         "train_images": record["train_images"], "test_images": record["test_images"],
-                         "wall_seconds": time.perf_counter() - started, "config": s["config"], "env": env})
+    for source, weighting in ORDER:
+        args = SOURCES[source]
+        out = runs / f"{source.replace(' ', '-')}_{weighting}_s{seed}"
+        started = time.perf_counter()
+        code = cli(["distill", "--method", "dc", "--ipc", "10", "--preset", "cpu", "--seed", str(seed),
+                    "--train-size", "10000", "--weighting", weighting, "--out", str(out), "--quiet", *args(data)])
+        if code != 0:
+            raise SystemExit(f"{source} {weighting}: iwd-fast distill failed ({code})")
+        s = json.loads((out / "summary.json").read_text())
+        images = load_file(str(out / "synthetic.safetensors"))["images"]
+        record = json.loads((out / "data.json").read_text())
+        rows.append({"source": source, "weighting": weighting, "seed": seed, "method": "dc", "ipc": 10,
+                     "preset": "cpu", "init_accuracy": s["init_accuracy"]["mean"], "accuracy": s["accuracy"]["mean"],
+                     "accs": s["accuracy"]["accs"], "init_accs": s["init_accuracy"]["accs"],
+                     "gain_over_init": s["gain_over_init"], "noise_estimate": s.get("noise_estimate"),
+                     "synthetic_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16],
+                     "data_fingerprint": record["fingerprint"], "mean": record["mean"], "std": record["std"],
+                     "train_images": record["train_images"], "test_images": record["test_images"],
+                     "wall_seconds": time.perf_counter() - started, "config": s["config"], "env": env})
+        append_jsonl(path, rows[-1:])
     return rows
 
 
@@ -118,9 +125,7 @@ def main() -> None:
     if args.command != "run":
         p.error("give write, run or --table")
     torch.set_num_threads(args.threads)
-    rows = run(Path(args.data), Path(args.runs), args.seed)
-    append_jsonl(path, rows)
-    print(table(rows))
+    print(table(run(Path(args.data), Path(args.runs), args.seed, path)))
 
 
 if __name__ == "__main__":
