@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .data import ImageSet
 from .data.augment import default_strategy, dsa_augment
-from .networks import NetSpec, build_network
+from .networks import NetSpec, build_network, is_factory
 from .runtime import TrainingStream, mix_seed, resolve_device
 
 __all__ = ["EvalSpec", "evaluate_synthetic", "train_network", "test_accuracy", "build_eval_network",
@@ -185,7 +185,9 @@ def describe_protocol(spec: EvalSpec, net_spec: NetSpec, dsa_used: bool) -> str:
         deviations.append(f"{spec.epochs} epochs (field: {field_epochs} with {aug})")
     if spec.num_nets < 5:
         deviations.append(f"{spec.num_nets} net{'s' if spec.num_nets != 1 else ''} (field: >= 5)")
-    if (net_spec.name, net_spec.width, net_spec.depth, net_spec.norm) != \
+    if is_factory(net_spec.name):
+        deviations.append(f"network {net_spec.name}")
+    elif (net_spec.name, net_spec.width, net_spec.depth, net_spec.norm) != \
             (FIELD_NET.name, FIELD_NET.width, FIELD_NET.depth, FIELD_NET.norm):
         deviations.append(f"{net_spec.name}-{net_spec.depth} width {net_spec.width} {net_spec.norm}")
     if (spec.lr, spec.momentum, spec.weight_decay, spec.batch_size) != (0.01, 0.9, 5e-4, 256):
@@ -193,7 +195,8 @@ def describe_protocol(spec: EvalSpec, net_spec: NetSpec, dsa_used: bool) -> str:
                           f"batch {spec.batch_size}")
     if not deviations:
         return f"field ({spec.epochs} epochs, {aug}, {spec.num_nets} nets, ConvNet-3 width 128)"
-    small = spec.epochs < field_epochs or spec.num_nets < 5 or net_spec.width < FIELD_NET.width
+    small = spec.epochs < field_epochs or spec.num_nets < 5 or \
+        (not is_factory(net_spec.name) and net_spec.width < FIELD_NET.width)
     head = "reduced budget" if small else "non-standard"
     return f"{head} (not the field's protocol): {aug}; " + "; ".join(deviations)
 

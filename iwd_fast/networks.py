@@ -7,7 +7,10 @@ default initialisation, so ``torch.manual_seed`` fixes the weights and per-sampl
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
+import traceback
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -15,7 +18,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["NetSpec", "ConvNet", "MLP", "BasicBlock", "ResNet", "resnet10", "resnet18", "build_network",
-           "make_norm", "NETWORK_NAMES", "NORMS"]
+           "make_norm", "NETWORK_NAMES", "NORMS", "is_factory", "build_factory_network"]
 
 NORMS = ("instancenorm", "batchnorm", "groupnorm", "layernorm", "none")
 NETWORK_NAMES = ("convnet", "convnet_bn", "mlp", "resnet10", "resnet18")
@@ -27,7 +30,10 @@ Size = Union[int, Sequence[int]]
 
 @dataclass
 class NetSpec:
-    """Network used for distillation and evaluation (see :func:`build_network`)."""
+    """Network used for distillation and evaluation (see :func:`build_network`).
+
+    ``name`` is a built-in name (:data:`NETWORK_NAMES`) or a user factory ``package.module:function``
+    (see :func:`build_factory_network`; width, depth and norm are then the factory's business)."""
 
     name: str = "convnet"
     width: int = 128
@@ -234,14 +240,16 @@ def resnet18(channels: int, num_classes: int, im_size: Size = (32, 32), width: i
 def build_network(name: str, channels: int, num_classes: int, im_size: Size, width: Optional[int] = None,
                   depth: int = 3, norm: Optional[str] = None, act: str = "relu",
                   pooling: str = "avgpool") -> nn.Module:
-    """Build a network by name (one of :data:`NETWORK_NAMES`).
+    """Build a network by name (one of :data:`NETWORK_NAMES`, or a factory ``package.module:function``).
 
     ``width=None`` is the architecture's default: 128 for convnet/mlp, 64 (first stage) for ResNets.
     ``norm=None`` is the name's default: instancenorm, batchnorm for convnet_bn; the MLP takes none.
     ``depth``, ``act`` and ``pooling`` apply to convnet / convnet_bn (depth and act also to mlp).
     """
+    if is_factory(name):
+        return build_factory_network(name, channels, num_classes, im_size)
     if name not in NETWORK_NAMES:
-        raise ValueError(f"unknown network {name!r}; valid names: {', '.join(NETWORK_NAMES)}")
+        raise ValueError(f"unknown network {name!r}; valid names: {', '.join(NETWORK_NAMES)} or package.module:factory")
     if name == "convnet_bn":
         if norm not in (None, "batchnorm"):
             raise ValueError(f"convnet_bn is the batchnorm ConvNet; got norm={norm!r} (use 'convnet')")
@@ -255,3 +263,52 @@ def build_network(name: str, channels: int, num_classes: int, im_size: Size, wid
         return MLP(channels, num_classes, im_size, width or 128, depth, act)
     make = resnet10 if name == "resnet10" else resnet18
     return make(channels, num_classes, im_size, width or 64, norm or "instancenorm")
+
+
+def is_factory(name: str) -> bool:
+    """Whether a network name is a user factory ``package.module:function`` (not a built-in name)."""
+    return isinstance(name, str) and ":" in name
+
+
+def _where(err: BaseException) -> str:
+    """" (raised at FILE:LINE)" for the innermost frame of ``err`` outside the import machinery, else ""."""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f" (at {err.filename}:{err.lineno})"
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "importlib" not in f.filename]
+    return f" (raised at {frames[-1].filename}:{frames[-1].lineno})" if frames and frames[-1].filename != __file__ else ""
+
+
+def build_factory_network(spec: str, channels: int, num_classes: int, im_size: Size) -> nn.Module:
+    """The network a user factory ``package.module:function`` returns.
+
+    The function is called with whichever of ``channels``, ``num_classes`` and ``im_size`` ((H, W)) its
+    signature names (all three, by keyword, when it takes ``**kwargs``); it must return an ``nn.Module``
+    mapping [B, channels, H, W] to logits [B, num_classes]. Errors are one line naming ``spec``.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"network {spec!r}: give a built-in name ({', '.join(NETWORK_NAMES)}) or package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - any import failure is the user's module's
+        raise ValueError(f"network {spec}: cannot import {module_name} ({type(err).__name__}: {err})"
+                         f"{_where(err)}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"network {spec}: {module_name} has no callable {attr!r}")
+    offered = {"channels": int(channels), "num_classes": int(num_classes), "im_size": _pair(im_size)}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if takes_all or k in params}
+    try:
+        model = factory(**kwargs)
+    except Exception as err:  # noqa: BLE001 - the user's factory failed: say which and why, on one line
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"network {spec}: the factory failed for channels={channels}, num_classes={num_classes}, "
+                         f"im_size={_pair(im_size)} ({type(err).__name__}: {first})") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"network {spec}: the factory returned a {type(model).__name__}, not an nn.Module")
+    return model

@@ -25,6 +25,12 @@
     methods = ["dc"]
     config = { outer_loop = 10, inner_loop = 50 }
 
+A dataset may be a folder of images in class subfolders or a tensors file (``datasets = ["data/mine"]``,
+relative to the working directory); ``[config] data = { test = "...", image_size = [H, W], test_fraction = 0.2,
+split_seed = 0 }`` says how it is read (iwd_fast.data.user_data). The preset is scaled to such a dataset
+(iwd_fast.app.scaling; the spec's own settings win), its cells are named by the folder's or file's name, and
+it is opened (labels, sizes and classes checked) when the cells are expanded, before any cell runs.
+
 Each cell is one distillation run in its own folder; the cell list is deterministic, so shards and
 resumes agree on it.
 """
@@ -35,11 +41,12 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from ..data.loaders import dataset_key
+from ..data.user_data import UserData, UserDataSpec, dataset_label, is_user_dataset, open_user_data
 from ..distill.config import DistillConfig, validate
 from .presets import preset_config
+from .scaling import scaled_config
 
 __all__ = ["Cell", "load_spec", "expand_cells"]
 
@@ -163,10 +170,13 @@ def _grids(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     return grids
 
 
-def expand_cells(spec: Dict[str, Any]) -> List[Cell]:
-    """Every cell of the spec, in a fixed order; each config is validated (a bad cell fails the whole spec)."""
+def expand_cells(spec: Dict[str, Any], notes: Optional[Dict[str, List[str]]] = None) -> List[Cell]:
+    """Every cell of the spec, in a fixed order; each config is validated (a bad cell fails the whole spec).
+    ``notes``: filled with what scaling a preset to a dataset of one's own chose, by dataset, method and IPC."""
     variants: Dict[str, Dict[str, Any]] = spec["variants"]
     cells: List[Cell] = []
+    opened: Dict[str, UserData] = {}
+    notes = {} if notes is None else notes
     for grid in _grids(spec):
         chosen = grid.get("variants", list(variants))
         missing = [v for v in chosen if v not in variants]
@@ -180,20 +190,42 @@ def expand_cells(spec: Dict[str, Any]) -> List[Cell]:
                         for variant in chosen:
                             for seed in grid.get("seeds", [0]):
                                 cfg = _cell_config(grid, variants[variant], method, dataset, int(ipc), rate, kind,
-                                                   int(seed))
-                                cells.append(Cell(grid["name"], method, dataset, int(ipc), rate, kind, variant,
-                                                  int(seed), cfg))
+                                                   int(seed), opened, notes)
+                                cells.append(Cell(grid["name"], method, dataset_label(dataset), int(ipc), rate, kind,
+                                                  variant, int(seed), cfg))
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
-        raise ValueError("the spec expands to duplicate cells (a method, dataset or seed listed twice?)")
+        raise ValueError("the spec expands to duplicate cells (a method, dataset or seed listed twice, or two "
+                         "datasets of one's own with the same name?)")
     return cells
 
 
-def _cell_config(grid, variant, method, dataset, ipc, rate, kind, seed) -> DistillConfig:
+def _data_spec(overrides: Dict[str, Any]) -> UserDataSpec:
+    """The data spec of a cell (its test path made absolute, relative to the working directory)."""
     try:
-        dataset_key(dataset)  # an unknown name is refused here, not when the cell runs
-        base = preset_config(grid.get("preset", "cpu"), method, dataset, ipc).to_dict()
-        merged = _merge(_merge(base, grid.get("config", {})), variant)
+        spec = UserDataSpec(**overrides.get("data", {}))
+    except TypeError as err:
+        raise ValueError(f"[config] data: {err}") from None
+    return dataclasses.replace(spec, test=str(Path(spec.test).resolve()) if spec.test else None)
+
+
+def _cell_config(grid, variant, method, dataset, ipc, rate, kind, seed, opened, notes) -> DistillConfig:
+    """A cell's config: the grid's preset (scaled to a dataset of one's own), its config, the variant, the
+    noise and seed; refused here, naming the grid, not when the cell runs."""
+    preset, overrides = grid.get("preset", "cpu"), _merge(grid.get("config", {}), variant)
+    try:
+        if is_user_dataset(dataset):  # any name that is not built in is a folder or tensors file
+            data_spec, dataset = _data_spec(overrides), str(Path(dataset).resolve())
+            key = json.dumps([dataset, dataclasses.asdict(data_spec)])
+            if key not in opened:
+                opened[key] = open_user_data(dataset, data_spec)
+            cfg, said = scaled_config(preset, method, dataset, opened[key], ipc, fixed=set(overrides))
+            notes[f"{dataset_label(dataset)} ({method}, ipc {ipc}, preset {preset})"] = said
+            base = cfg.replace(data=data_spec).to_dict()
+            overrides = {k: v for k, v in overrides.items() if k != "data"}
+        else:
+            base = preset_config(preset, method, dataset, ipc).to_dict()
+        merged = _merge(base, overrides)
         merged.update(noise=rate, noise_kind=kind, seed=seed)
         cfg = DistillConfig.from_dict(merged)
         validate(cfg)

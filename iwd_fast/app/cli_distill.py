@@ -4,9 +4,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
+from typing import List, Optional, Tuple
 
-from ..data import DATASET_NAMES
+from ..data.user_data import UserData, UserDataSpec, dataset_label, describe_sources, is_user_dataset, open_user_data
 from ..distill.config import INIT_MODES, NOISE_KINDS, WARMUP_INFLUENCES, WEIGHTINGS, DistillConfig
+from ..networks import NETWORK_NAMES
 from ..weighting import TARGETS, TRANSFORMS
 from .presets import METHODS, default_weighting, list_presets
 
@@ -28,8 +31,21 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def add_distill_parser(sub) -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="distil a dataset into a few synthetic images per class")
     d.add_argument("--method", choices=METHODS, default="dc")
-    d.add_argument("--dataset", choices=DATASET_NAMES, default="digits")
-    d.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
+    d.add_argument("--dataset", default="digits", help=f"{describe_sources()}; your own data's test set, image "
+                   "size and class names are inferred (see --test, --image-size), its normalisation statistics "
+                   "computed on the training part")
+    d.add_argument("--ipc", type=int, default=None, help="synthetic images per class (default: 10; on your own "
+                   "data 10 while that is at most a tenth of the smallest class, else 1)")
+    d.add_argument("--model", default=None, help="distillation and evaluation network: a built-in name "
+                   f"({', '.join(NETWORK_NAMES)}) or package.module:factory (called with channels, num_classes, "
+                   "im_size if it takes them); default: the preset's ConvNet")
+    d.add_argument("--test", default=None, help="your own data: a test folder or tensors file (default: a tensors "
+                   "file's test arrays, else a stratified split of --test-fraction)")
+    d.add_argument("--test-fraction", type=float, default=0.2, help="your own data without a test set: share of "
+                   "each class held out as the test set")
+    d.add_argument("--split-seed", type=int, default=0, help="seed of that split (recorded; paired runs share it)")
+    d.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="your own data: resize every image to H W (needed when sizes differ)")
     d.add_argument("--weighting", choices=WEIGHTINGS, default=None,
                    help="none; iwd (scores refreshed in the loop); static (warm-up scores held fixed). "
                         "Default: the method's measured default (presets.default_weighting)")
@@ -75,17 +91,28 @@ def add_evaluate_parser(sub) -> argparse.ArgumentParser:
     return e
 
 
-def config_from_args(args) -> DistillConfig:
-    """The config a `distill` command line describes (a --config file wins)."""
+def config_from_args(args, data: Optional[UserData] = None) -> Tuple[DistillConfig, List[str]]:
+    """The config a `distill` command line describes (a --config file wins), and what scaling the preset to
+    ``data`` (the opened dataset of one's own named by --dataset; ``scaling.scaled_config``) chose, as lines."""
     if args.config:
         with open(args.config) as fh:
             try:
-                return DistillConfig.from_dict(json.load(fh))
+                return DistillConfig.from_dict(json.load(fh)), []
             except ValueError as err:  # not JSON, or not a config: name the file
                 raise ValueError(f"--config {args.config}: {err}") from None
     from .presets import preset_config
 
-    cfg = preset_config(args.preset, args.method, args.dataset, args.ipc)
+    notes: List[str] = []
+    if data is None:
+        cfg = preset_config(args.preset, args.method, args.dataset, args.ipc or 10)
+    else:
+        from .scaling import scaled_config
+
+        fixed = {f for f, given in (("train_size", args.train_size), ("net", args.model)) if given is not None}
+        cfg, notes = scaled_config(args.preset, args.method, str(Path(args.dataset).resolve()), data, args.ipc, fixed)
+        cfg = cfg.replace(data=user_data_spec(args))
+    if args.model is not None:
+        cfg = cfg.replace(net=dataclasses.replace(cfg.net, name=args.model))
     changes = {f: getattr(args, f) for f in IWD_FLAGS if getattr(args, f) is not None}
     cfg = cfg.replace(weighting=args.weighting or default_weighting(args.method),
                       iwd=dataclasses.replace(cfg.iwd, **changes), noise=args.noise, noise_kind=args.noise_kind,
@@ -93,25 +120,55 @@ def config_from_args(args) -> DistillConfig:
     for field in ("iterations", "eval_every", "train_size"):
         if getattr(args, field) is not None:
             cfg = cfg.replace(**{field: getattr(args, field)})
-    return cfg
+    return cfg, notes
+
+
+def user_data_spec(args) -> UserDataSpec:
+    """--test, --test-fraction, --split-seed, --image-size as the config's data spec (paths made absolute)."""
+    return UserDataSpec(image_size=list(args.image_size) if args.image_size else None,
+                        test=str(Path(args.test).resolve()) if args.test else None,
+                        test_fraction=args.test_fraction, split_seed=args.split_seed)
 
 
 def run_distill(args) -> int:
     from ..data import load_dataset
     from ..distill.config import validate
     from .distill_job import run_distillation
+    from .presets import describe_preset
 
-    cfg = config_from_args(args)
+    data = None
+    if not args.config and is_user_dataset(args.dataset):
+        data = open_user_data(args.dataset, user_data_spec(args))  # labels, sizes, classes checked; not decoded
+    elif args.test or args.image_size:
+        raise ValueError("--test and --image-size apply to a dataset of your own (a folder or tensors file), "
+                         f"not to the built-in {args.dataset!r}")
+    cfg, notes = config_from_args(args, data)
     validate(cfg)  # before the dataset is read or a folder written
-    out = args.out or f"runs/{cfg.method}_{cfg.dataset}_ipc{cfg.ipc}_{cfg.weighting}_s{cfg.seed}"
-    splits = load_dataset(cfg.dataset, root=cfg.data_root, download=args.download)
+    out = args.out or f"runs/{cfg.method}_{dataset_label(cfg.dataset)}_ipc{cfg.ipc}_{cfg.weighting}_s{cfg.seed}"
+    if data is not None:
+        print(f"{data.name}: {len(data.train_labels())} training and {data.test_size()} test images, "
+              f"{data.num_classes} classes, {data.channels}x{data.im_size[0]}x{data.im_size[1]}; "
+              f"preset {cfg.preset!r} scaled to it:")
+        for line in notes:
+            print(f"  {line}")
+        splits = data.load(progress=not args.quiet)
+    elif is_user_dataset(cfg.dataset):  # a --config file naming one's own data
+        splits = open_user_data(cfg.dataset, cfg.data).load(progress=not args.quiet)
+    else:
+        splits = load_dataset(cfg.dataset, root=cfg.data_root, download=args.download)
+    if not args.quiet:
+        print(f"preset {cfg.preset!r}: {describe_preset(cfg.preset)}")
     summary = run_distillation(cfg, splits, out_dir=out, progress=not args.quiet, evaluate=not args.no_eval)
     print_summary(summary, out)
     return 0
 
 
 def print_summary(summary, out) -> None:
-    keep = {k: v for k, v in summary.items() if k not in ("config", "synthetic", "weights", "init_accuracy")}
+    keep = {k: v for k, v in summary.items()
+            if k not in ("config", "synthetic", "weights", "init_accuracy", "class_names")}
+    names = summary.get("class_names") or []
+    if names:
+        keep["classes"] = f"{len(names)}: " + ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
     if summary.get("already_complete"):
         print(f"{out} holds a finished run of this config: nothing to do (its summary follows)")
     if "accuracy" in keep:
@@ -141,7 +198,12 @@ def run_evaluate(args) -> int:
     if args.net is not None:
         spec = dataclasses.replace(spec, net=dataclasses.replace(cfg.net, name=args.net))
     syn = run.load_tensors("synthetic")
-    splits = load_splits(cfg, download=args.download)
+    splits = load_splits(cfg, download=args.download, progress=not args.quiet)
+    if run.file("data.json").is_file():  # the run recorded its data: refuse data that changed since
+        stored, now = json.loads(run.file("data.json").read_text())["fingerprint"], splits.record()["fingerprint"]
+        if stored != now:
+            raise ValueError(f"{cfg.dataset}: the data differs from what run {args.run} was distilled from "
+                             f"(fingerprint {now}, recorded {stored}); evaluate it on the same data")
     # What the method trains on (IDC's decoded set, DATM's soft labels) and, for ZCA runs, the whitened test set.
     images, targets, test = syn.get("eval_images", syn["images"]), syn.get("eval_targets", syn["labels"]), splits.test
     if "zca_matrix" in syn:

@@ -4,6 +4,7 @@ synthetic set, weights, timing, plots). Resumable; a finished run is never repea
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -14,25 +15,32 @@ from tqdm.auto import tqdm
 
 from ..data import DatasetSplits, load_dataset, stratified_subset
 from ..data.augment import default_strategy
+from ..data.user_data import is_user_dataset, open_user_data
 from ..distill import METHODS, IWDState, SyntheticSet
 from ..distill.base import PLAIN_REAL_SIDE, SCORED_REAL_SIDE
 from ..distill.config import DistillConfig, needs_warmup, validate
 from ..distill.pool import initial_indices, prepare_pool
+from ..distill.preflight import check_networks, check_pool
 from ..distill.warmup import clean_pool, warmup_weights
 from ..evaluate import evaluate_synthetic
 from ..distill.stages import RunContext
 from ..runtime import PhaseTimer, Stream, mix_seed, resolve_device
 from .run_folder import RunFolder
 
-__all__ = ["run_distillation", "load_splits", "scoring_overhead", "dsa_strategy_of", "evaluate_images", "LOOP_PHASES"]
+__all__ = ["run_distillation", "load_splits", "scoring_overhead", "dsa_strategy_of", "evaluate_images", "LOOP_PHASES",
+           "synthetic_metadata"]
 
 CHECKPOINT_EVERY = 50  # iterations
 SUBSET_SEED = 0        # the stratified train/test subsets are the same for every run seed
 
 
-def load_splits(cfg: DistillConfig, download: bool = False) -> DatasetSplits:
-    """The dataset of ``cfg`` with its stratified subsets (``train_size`` / ``test_size``; 0 = all)."""
-    splits = load_dataset(cfg.dataset, root=cfg.data_root, download=download)
+def load_splits(cfg: DistillConfig, download: bool = False, progress: bool = False) -> DatasetSplits:
+    """The dataset of ``cfg`` with its stratified subsets (``train_size`` / ``test_size``; 0 = all): a built-in
+    name, or a folder / tensors file of one's own read with ``cfg.data`` (iwd_fast.data.user_data)."""
+    if is_user_dataset(cfg.dataset):
+        splits = open_user_data(cfg.dataset, cfg.data).load(progress=progress)
+    else:
+        splits = load_dataset(cfg.dataset, root=cfg.data_root, download=download)
     return subset_splits(splits, cfg)
 
 
@@ -42,7 +50,7 @@ def subset_splits(splits: DatasetSplits, cfg: DistillConfig) -> DatasetSplits:
         train = stratified_subset(train, cfg.train_size, seed=SUBSET_SEED)
     if cfg.test_size and cfg.test_size < len(test):
         test = stratified_subset(test, cfg.test_size, seed=SUBSET_SEED)
-    return DatasetSplits(train=train, test=test)
+    return dataclasses.replace(splits, train=train, test=test)
 
 
 # The timer phases whose seconds make up the loop (one iteration's time): the rest of a step, its scoring, and
@@ -72,7 +80,9 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
     splits = subset_splits(splits, cfg) if splits is not None else load_splits(cfg)
     timer = PhaseTimer()
     pool = prepare_pool(cfg, splits, device)  # refuses non-finite pixels, by index, before anything is written
-    run = _open_run(out_dir, cfg)
+    check_pool(cfg, pool, splits.train.class_names)  # enough images per class for the initial synthetic set
+    check_networks(cfg, pool.channels, pool.num_classes, pool.im_size)  # usable by the method (factories)
+    run = _open_run(out_dir, cfg, splits)
     dsa_strategy = dsa_strategy_of(cfg)
     warmup = warmup_weights(cfg, pool, device, timer) if needs_warmup(cfg) else None
     pool = clean_pool(cfg, pool, warmup)  # the pool-cleaning baselines (unchanged without one)
@@ -128,6 +138,7 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
     if stop < cfg.iterations:
         return {"stopped_at": stop}
     summary = _summary(cfg, init, pool, warmup, iwd, timer)
+    summary["class_names"] = splits.train.class_names
     if evaluate:
         with timer.phase("evaluating"):
             ev = _evaluate(cfg, method, test, device)
@@ -245,32 +256,39 @@ def _finished_summary(out_dir, cfg: DistillConfig) -> Optional[Dict[str, Any]]:
     return {**json.loads(path.read_text()), "already_complete": True} if path.is_file() else None
 
 
-def _open_run(out_dir, cfg) -> Optional[RunFolder]:
-    """The run folder, claimed for this process (a second process on it refuses, naming this one): a new one
-    gets config and env; an existing one holds the same config (checked)."""
+def _open_run(out_dir, cfg, splits: DatasetSplits) -> Optional[RunFolder]:
+    """The run folder: a new one gets config, env and data.json (the data's names, shapes, normalisation
+    statistics and fingerprint: ``DatasetSplits.record``); an existing one holds the same config (checked). The
+    folder is claimed for this process: a second process on it refuses, naming this one."""
     if out_dir is None:
         return None
     run = RunFolder(out_dir).lock()
     if not _check_same_config(run.path, cfg):
         run.write_config(cfg)
         run.write_env()
+        run.save_json("data.json", splits.record())
     return run
+
+
+def synthetic_metadata(train) -> Dict[str, str]:
+    """The string metadata of synthetic.safetensors: the class names (a JSON list; label c is entry c)."""
+    return {"class_names": json.dumps(train.class_names)} if train.class_names else {}
 
 
 def _write_outputs(run, summary, syn, iwd, pool, splits, history, extra_tensors) -> None:
     from . import plots
 
-    run.save_tensors("synthetic", {"images": syn.images.detach().cpu().contiguous(), "labels": syn.labels.cpu(),
-                                   **extra_tensors})
     train = splits.train
+    run.save_tensors("synthetic", {"images": syn.images.detach().cpu().contiguous(), "labels": syn.labels.cpu(),
+                                   **extra_tensors}, metadata=synthetic_metadata(train))
     plots.plot_synthetic_grid(syn.images.detach().cpu(), syn.labels.cpu(), train.mean, train.std,
-                              run.path / "synthetic.png")
+                              run.path / "synthetic.png", class_names=train.class_names)
     if iwd is not None:
         iwd.weighter.save(str(run.path / "weights.safetensors"))
         w = iwd.weighter.weights()
         plots.plot_weight_histogram(w, pool.flipped if pool.flipped.any() else None, run.path / "weights_hist.png")
         plots.plot_extreme_images(pool.images.cpu(), w, pool.labels.cpu(), train.mean, train.std,
-                                  run.path / "extreme_weights.png")
+                                  run.path / "extreme_weights.png", class_names=train.class_names)
     curve = [h for h in history if "acc_mean" in h]
     if curve:
         plots.plot_accuracy_curve(curve, run.path / "accuracy.png")

@@ -278,8 +278,10 @@ class RunFolder:
                 raise ValueError(f"{path}: line {number} is not JSON ({err}); the metrics log is damaged") from None
         return records
 
-    def save_tensors(self, name: str, tensors: Dict[str, torch.Tensor]) -> Path:
-        """Save a dict of tensors to ``<name>.safetensors`` (copied to CPU and made contiguous)."""
+    def save_tensors(self, name: str, tensors: Dict[str, torch.Tensor],
+                     metadata: Optional[Dict[str, str]] = None) -> Path:
+        """Save a dict of tensors to ``<name>.safetensors`` (copied to CPU and made contiguous), with optional
+        string ``metadata`` in the file's header (e.g. class names; read with ``load_metadata``)."""
         from safetensors.torch import save_file
 
         if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
@@ -287,7 +289,7 @@ class RunFolder:
         name = name if name.endswith(".safetensors") else name + ".safetensors"
         target = self.file(name)
         tmp = target.with_name(f".{target.name}.tmp")
-        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp))
+        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp), metadata=metadata or None)
         os.replace(tmp, target)
         return target
 
@@ -297,6 +299,14 @@ class RunFolder:
 
         name = name if name.endswith(".safetensors") else name + ".safetensors"
         return load_file(str(self.file(name)))
+
+    def load_metadata(self, name: str) -> Dict[str, str]:
+        """The string metadata stored in ``<name>.safetensors`` ({} when none)."""
+        from safetensors import safe_open
+
+        name = name if name.endswith(".safetensors") else name + ".safetensors"
+        with safe_open(str(self.file(name)), framework="pt") as f:
+            return dict(f.metadata() or {})
 
     def checkpoint(self, state: Dict[str, Any]) -> Path:
         """torch.save ``state`` to checkpoint.pt atomically: a crash mid-write leaves the previous

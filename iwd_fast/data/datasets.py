@@ -7,8 +7,9 @@ datasets; ``iwd_fast.data.splits`` adds label noise and stratified splits.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -62,10 +63,28 @@ class ImageSet:
 
 @dataclass
 class DatasetSplits:
-    """The train and test :class:`ImageSet` of one dataset (test normalised with train statistics)."""
+    """The train and test :class:`ImageSet` of one dataset (test normalised with train statistics).
+
+    ``origin``: where the data came from, for the run folder (a dataset of one's own: its source, kind,
+    image size and how the test set was made, split seed included); None for the built-in datasets.
+    """
 
     train: ImageSet
     test: ImageSet
+    origin: Optional[Dict[str, Any]] = None
+
+    def record(self) -> Dict[str, Any]:
+        """What a run folder keeps about its data (data.json): names, shapes, the normalisation statistics of
+        the training split, the split sizes, a fingerprint of the normalised tensors and the origin."""
+        digest = hashlib.sha256()
+        for t in (self.train.images, self.train.labels, self.test.images, self.test.labels):
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        train = self.train
+        counts = torch.bincount(train.labels, minlength=train.num_classes).tolist()
+        return {"name": train.name, "num_classes": train.num_classes, "class_names": train.class_names,
+                "channels": train.channels, "image_size": list(train.im_size), "mean": list(train.mean),
+                "std": list(train.std), "train_images": len(train), "test_images": len(self.test),
+                "train_class_counts": counts, "fingerprint": digest.hexdigest()[:20], "origin": self.origin}
 
 
 def _channel_stats(images: torch.Tensor) -> Tuple[tuple, tuple]:

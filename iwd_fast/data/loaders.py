@@ -19,7 +19,7 @@ import torch
 from .datasets import DatasetSplits, make_splits
 from .splits import stratified_split
 
-__all__ = ["DATASET_NAMES", "dataset_key", "load_dataset", "read_idx"]
+__all__ = ["DATASET_NAMES", "builtin_name", "dataset_key", "load_dataset", "read_idx"]
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
 
@@ -179,11 +179,17 @@ def _download(name: str, target: Path) -> None:
                 tar.extractall(target, **safe)
 
 
-def dataset_key(name: str) -> str:
-    """The name in :data:`DATASET_NAMES` that ``name`` (any case, ``_`` or ``-``, an alias) means; refuses others."""
+def builtin_name(name: str) -> Optional[str]:
+    """The built-in dataset ``name`` refers to (aliases such as "fmnist" resolved), or None."""
     key = str(name).lower().replace("_", "-")
     key = _ALIASES.get(key, key)
-    if key not in DATASET_NAMES:
+    return key if key in DATASET_NAMES else None
+
+
+def dataset_key(name: str) -> str:
+    """The built-in dataset ``name`` refers to; refuses a name that is none of :data:`DATASET_NAMES`."""
+    key = builtin_name(name)
+    if key is None:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     return key
 

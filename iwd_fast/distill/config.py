@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from ..data.user_data import UserDataSpec
 from ..evaluate import EvalSpec
 from ..networks import NetSpec
 from ..weighting.weighter import WEIGHTER_DEFAULTS
@@ -148,9 +149,15 @@ class DistillConfig:
     test_size: int = 0              # class-stratified test subset (0: the whole test split)
     tm: TrajectorySpec = field(default_factory=TrajectorySpec)
     idc: IDCSpec = field(default_factory=IDCSpec)
+    data: UserDataSpec = field(default_factory=UserDataSpec)  # a dataset of one's own (dataset = a folder or file)
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field as plain values; ``data`` only when it differs from its defaults (so the config files
+        of runs on the built-in datasets stay as they were)."""
+        d = dataclasses.asdict(self)
+        if d["data"] == dataclasses.asdict(UserDataSpec()):
+            del d["data"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -161,7 +168,8 @@ class DistillConfig:
 
         check_config_types(cls, d)  # every key known and of its field's type, nested tables included
         d = dict(d)
-        for key, sub in (("iwd", IWDSpec), ("net", NetSpec), ("tm", TrajectorySpec), ("idc", IDCSpec)):
+        for key, sub in (("iwd", IWDSpec), ("net", NetSpec), ("tm", TrajectorySpec), ("idc", IDCSpec),
+                         ("data", UserDataSpec)):
             if isinstance(d.get(key), dict):
                 d[key] = sub(**d[key])
         if isinstance(d.get("eval"), dict):
@@ -226,6 +234,7 @@ def validate(cfg: DistillConfig) -> None:
          f"need batch_real >= 1, lr_img > 0, lr_net > 0; got {cfg.batch_real}, {cfg.lr_img}, {cfg.lr_net}")
     need(cfg.train_size >= 0 and cfg.test_size >= 0, "train_size and test_size must be >= 0 (0: all)")
     need(cfg.eval_every >= 0, f"eval_every must be >= 0 (0: only at the end), got {cfg.eval_every}")
+    cfg.data.check()
     spec = cfg.iwd
     check_target(spec.influence)
     sign_for(spec.influence, spec.sign)

@@ -2,9 +2,6 @@
 model (a built-in network name or ``package.module:factory``, optionally a ``--checkpoint``)."""
 from __future__ import annotations
 
-import importlib
-import inspect
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -12,11 +9,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ...data import DATASET_NAMES, ImageSet, from_tensors, from_torch_dataset, load_dataset
+from ...data import ImageSet, from_tensors, from_torch_dataset, load_dataset
+from ...data.loaders import builtin_name
+from ...data.user_data import describe_sources
 from ...data.image_folder import ImageFolder, channel_stats
 from ...data.tensor_file import TENSOR_FILE_SUFFIXES, read_tensor_file
 from ...evaluate import build_eval_network
-from ...networks import NETWORK_NAMES, NetSpec
+from ...networks import NETWORK_NAMES, NetSpec, is_factory
 from ...scoring.checks import check_finite
 from ...scoring.dataset.source import nonfinite_rows
 
@@ -53,8 +52,7 @@ class ScoreData:
 
 
 def describe_dataset_spec() -> str:
-    return (f"a built-in name ({', '.join(DATASET_NAMES)}), a folder of images in class subfolders, or a tensors "
-            f"file ({', '.join(TENSOR_FILE_SUFFIXES)}) with images and labels")
+    return describe_sources()
 
 
 def load_score_data(spec: str, data_root=None, download: bool = False, normalize: str = "auto",
@@ -67,8 +65,7 @@ def load_score_data(spec: str, data_root=None, download: bool = False, normalize
         return _image_folder(path, normalize, image_size)
     if path.suffix.lower() in TENSOR_FILE_SUFFIXES:
         return _tensor_file(path, normalize)
-    key = spec.lower().replace("_", "-")
-    if key in DATASET_NAMES or key in ("fmnist", "fashionmnist", "cifar-10", "cifar-100"):
+    if builtin_name(spec) is not None:
         splits = load_dataset(spec, root=data_root, download=download)
         t = splits.train
         return ScoreData(t.name, t, t.labels, t.num_classes, t.channels, t.im_size, splits.test,
@@ -107,41 +104,15 @@ def _tensor_file(path: Path, normalize: str) -> ScoreData:
 
 def build_model(spec: str, data: ScoreData, width: int, seed: int) -> nn.Module:
     """``--model``: a built-in network name, or ``package.module:factory`` called with whichever of
-    ``channels``, ``num_classes``, ``im_size`` it accepts; it must return an nn.Module."""
-    if spec in NETWORK_NAMES:
-        return build_eval_network(NetSpec(name=spec, width=width), data.channels, data.num_classes, data.im_size, seed)
-    if ":" not in spec:
+    ``channels``, ``num_classes``, ``im_size`` it accepts (``iwd_fast.networks.build_factory_network``); it
+    must return an nn.Module. Built under ``seed`` either way."""
+    if spec not in NETWORK_NAMES and not is_factory(spec):
         raise ValueError(f"--model {spec!r}: give a built-in network ({', '.join(NETWORK_NAMES)}) or "
                          "package.module:factory")
-    module_name, attr = spec.split(":", 1)
     try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # noqa: BLE001 - any import failure is the user's module's
-        raise ValueError(f"--model {spec}: cannot import {module_name}: {type(err).__name__}: {err}"
-                         f"{_where(err)}") from err
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ValueError(f"--model {spec}: {module_name} has no callable {attr!r}")
-    offered = {"channels": data.channels, "num_classes": data.num_classes, "im_size": data.im_size}
-    try:
-        params = inspect.signature(factory).parameters
-        kwargs = {k: v for k, v in offered.items() if k in params}
-    except (TypeError, ValueError):
-        kwargs = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        model = factory(**kwargs)
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"--model {spec}: the factory returned a {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def _where(err: BaseException) -> str:
-    """" (raised at FILE:LINE)" for the innermost frame of ``err`` outside the import machinery, else ""."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if "importlib" not in f.filename]
-    if isinstance(err, SyntaxError) and err.filename:
-        return f" (at {err.filename}:{err.lineno})"
-    return f" (raised at {frames[-1].filename}:{frames[-1].lineno})" if frames and frames[-1].filename != __file__ else ""
+        return build_eval_network(NetSpec(name=spec, width=width), data.channels, data.num_classes, data.im_size, seed)
+    except ValueError as err:
+        raise ValueError(str(err).replace("network ", "--model ", 1) if is_factory(spec) else str(err)) from None
 
 
 def load_checkpoint(model: nn.Module, path) -> None:
