@@ -136,8 +136,10 @@ def expand_cells(spec: Dict[str, Any]) -> List[Cell]:
 
 
 def _cell_config(grid, variant, method, dataset, ipc, rate, kind, seed) -> DistillConfig:
-    base = preset_config(grid.get("preset", "cpu"), method, dataset, ipc).to_dict()
-    merged = _merge(_merge(base, grid.get("config", {})), variant)
+    changes = _merge(grid.get("config", {}), variant)
+    pdd_base = changes.get("pdd", {}).get("base") if method == "pdd" else None  # PDD's preset depends on its base
+    base = preset_config(grid.get("preset", "cpu"), method, dataset, ipc, base=pdd_base).to_dict()
+    merged = _merge(base, changes)
     merged.update(noise=rate, noise_kind=kind, seed=seed)
     try:
         cfg = DistillConfig.from_dict(merged)

@@ -10,7 +10,7 @@ from ..evaluate import EvalSpec
 from ..networks import NetSpec
 from ..weighting.weighter import WEIGHTER_DEFAULTS
 
-__all__ = ["NetSpec", "EvalSpec", "IWDSpec", "TrajectorySpec", "IDCSpec", "DistillConfig"]
+__all__ = ["NetSpec", "EvalSpec", "IWDSpec", "TrajectorySpec", "IDCSpec", "PDDSpec", "DistillConfig"]
 
 
 @dataclass
@@ -120,6 +120,22 @@ class IDCSpec:
 
 
 @dataclass
+class PDDSpec:
+    """PDD, progressive dataset distillation (Chen et al., ICLR 2024; docs/TRAJECTORY.md): ``stages`` subsets
+    distilled one after the other by the ``base`` method, each conditioned on the earlier stages' images
+    (frozen), the student training on the union of the stages so far. The run's ``ipc`` is the total
+    (``ipc / stages`` new images per class and stage) and its ``iterations`` the total (``iterations /
+    stages`` per stage)."""
+
+    base: str = "mtt"                   # mtt | idc
+    stages: int = 5
+    condition_epochs: int = 300         # epochs on the union of each earlier stage before a stage's network
+                                        # (MTT: expert start; IDC: every network) continues; the evaluation's recipe
+    condition_learned_lr: bool = False  # MTT: condition on stage j's union at stage j's learned synthetic lr
+    stage_expert_epochs: int = 0        # MTT: real-data epochs of the conditioned experts (0: tm.train_epochs)
+
+
+@dataclass
 class DistillConfig:
     method: str = "dc"              # see iwd_fast.distill.METHODS
     dataset: str = "digits"
@@ -148,6 +164,7 @@ class DistillConfig:
     test_size: int = 0              # class-stratified test subset (0: the whole test split)
     tm: TrajectorySpec = field(default_factory=TrajectorySpec)
     idc: IDCSpec = field(default_factory=IDCSpec)
+    pdd: PDDSpec = field(default_factory=PDDSpec)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,7 +179,8 @@ class DistillConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config keys: {unknown}")
-        for key, sub in (("iwd", IWDSpec), ("net", NetSpec), ("tm", TrajectorySpec), ("idc", IDCSpec)):
+        for key, sub in (("iwd", IWDSpec), ("net", NetSpec), ("tm", TrajectorySpec), ("idc", IDCSpec),
+                         ("pdd", PDDSpec)):
             if isinstance(d.get(key), dict):
                 d[key] = sub(**d[key])
         if isinstance(d.get("eval"), dict):
@@ -250,3 +268,7 @@ def validate(cfg: DistillConfig) -> None:
         (needs_warmup(cfg) and warmup_target(cfg) == "validation")
     need(not uses_heldout or spec.heldout_fraction > 0,
          "the validation target needs a held-out split: set iwd.heldout_fraction > 0")
+    if cfg.method == "pdd":
+        from .pdd import check_pdd_config
+
+        check_pdd_config(cfg)
