@@ -32,7 +32,7 @@ RESULTS = "budget_scans"
 
 
 def scan(args) -> Dict[str, Any]:
-    cfg = preset_config(args.preset, args.method, args.dataset, args.ipc).to_dict()
+    cfg = preset_config(args.preset, args.method, args.dataset, args.ipc, base=args.base).to_dict()
     cfg.update(seed=args.seed)
     apply_overrides(cfg, args.set)
     config = DistillConfig.from_dict(cfg)
@@ -44,6 +44,9 @@ def scan(args) -> Dict[str, Any]:
            "accuracy": s["accuracy"]["mean"], "accs": s["accuracy"]["accs"], "gain_over_init": s["gain_over_init"],
            "num_nets": config.eval.num_nets, "wall_seconds": time.perf_counter() - started,
            "timing_seconds": s["timing_seconds"], "load_avg_1min": os.getloadavg()[0]}
+    if s["accuracy"].get("stages"):  # PDD: the cumulative accuracy after each stage
+        row["stage_accuracy"] = [st["mean"] for st in s["accuracy"]["stages"]]
+        row["init_stage_accuracy"] = [st["mean"] for st in s["init_accuracy"]["stages"]]
     if "accuracy_learned_lr" in s:  # MTT/DATM with tm.eval_learned_lr: the reference's evaluation
         row["accuracy_learned_lr"] = s["accuracy_learned_lr"]["mean"]
         row["learned_syn_lr"] = s["method"]["learned_syn_lr"]
@@ -53,7 +56,7 @@ def scan(args) -> Dict[str, Any]:
 def table(rows: List[Dict[str, Any]]) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
-    body = [[r["method"], r["dataset"], r["tag"], r["seed"], ", ".join(r["overrides"]) or "-", r["num_nets"],
+    body = [[r["method"] + (f" ({r['config']['pdd']['base']})" if r["method"] == "pdd" else ""), r["dataset"], r["tag"], r["seed"], ", ".join(r["overrides"]) or "-", r["num_nets"],
              pct(r["init_accuracy"]), pct(r["accuracy"]), f"{100 * r['gain_over_init']:+.1f}",
              pct(r.get("accuracy_learned_lr")), f"{r['wall_seconds']:.0f}", r["env"]["git_sha"][:7]] for r in rows]
     return markdown_table(["method", "dataset", "scan", "seed", "overrides of the preset", "eval nets", "initial images %",
@@ -66,6 +69,7 @@ def main() -> None:
     p.add_argument("dataset", nargs="?", default="fashion-mnist")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--base", default=None, help="pdd: the base method (mtt or idc)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", help="name of the scan (and of its run folder)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (dotted keys, JSON values)")

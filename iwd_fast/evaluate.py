@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 import time
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,8 +24,8 @@ from .data.augment import default_strategy, dsa_augment
 from .networks import NetSpec, build_network, is_factory
 from .runtime import TrainingStream, mix_seed, resolve_device
 
-__all__ = ["EvalSpec", "evaluate_synthetic", "train_network", "test_accuracy", "build_eval_network",
-           "describe_protocol", "FIELD_NET"]
+__all__ = ["EvalSpec", "evaluate_synthetic", "evaluate_stages", "train_network", "train_stages", "test_accuracy",
+           "build_eval_network", "describe_protocol", "FIELD_NET"]
 
 
 @dataclass
@@ -215,38 +215,85 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test: ImageSe
     Returns {"mean", "std" (population std, ddof=0, over nets), "std_kind", "accs", "seeds", "seconds",
     "protocol": {spec fields, "net", "dsa", "dsa_strategy", "variant", ...}}; accuracies in [0, 1].
     """
-    _check_set(images, labels, "evaluate_synthetic", soft_ok=True)
-    soft = labels.dim() == 2
+    out = _evaluate_sets([(images, labels)], test, [spec], net_spec, seed, dsa_strategy, device, progress,
+                         "evaluate_synthetic")
+    out.pop("stages")
+    return out
+
+
+def evaluate_stages(stage_sets: Sequence[Tuple[torch.Tensor, torch.Tensor]], test: ImageSet,
+                    spec: Union[EvalSpec, Sequence[EvalSpec]], net_spec: NetSpec, *, seed: int,
+                    dsa_strategy: Optional[str], device=None, progress: bool = True) -> Dict[str, Any]:
+    """PDD's evaluation: each network trains on the stage sets in order and is tested after each.
+
+    ``stage_sets``: P pairs (images [M_k, C, H, W], labels [M_k]), stage k's set being the union of stages
+    1..k. ``spec``: one EvalSpec, or one per stage (they may differ in the optimiser's recipe, e.g. each
+    stage's learned learning rate; ``num_nets`` and ``net`` come from the first). Network j is initialised
+    as in :func:`evaluate_synthetic` and trained by :func:`train_stages`, so one stage gives exactly
+    ``evaluate_synthetic``'s networks and accuracy. Returns ``evaluate_synthetic``'s dict for the last stage
+    (the cumulative accuracy of the whole set) plus "stages": per stage {"mean", "std", "accs"}.
+    """
+    specs = [spec] * len(stage_sets) if isinstance(spec, EvalSpec) else list(spec)
+    if not stage_sets or len(specs) != len(stage_sets):
+        raise ValueError(f"evaluate_stages: need one or more stage sets and one spec per stage, got "
+                         f"{len(stage_sets)} sets and {len(specs)} specs")
+    return _evaluate_sets(stage_sets, test, specs, net_spec, seed, dsa_strategy, device, progress, "evaluate_stages")
+
+
+def train_stages(net: nn.Module, stage_sets: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                 specs: Sequence[EvalSpec], seed: int, dsa_strategy: Optional[str], device=None,
+                 epochs: Optional[int] = None, after_stage=None) -> None:
+    """Train ``net`` in place on each stage set in turn, a fresh optimiser and schedule per stage
+    (:func:`train_network` with ``specs[k]``; ``epochs`` overrides every spec's). Stage 0 trains with
+    ``seed`` itself, stage k >= 1 with ``mix_seed(seed, k)``. ``after_stage(k)`` runs after each stage."""
+    for k, ((x, y), spec) in enumerate(zip(stage_sets, specs)):
+        train_network(net, x, y, spec, int(seed) if k == 0 else mix_seed(seed, k), dsa_strategy, device, epochs=epochs)
+        if after_stage is not None:
+            after_stage(k)
+
+
+def _evaluate_sets(stage_sets, test: ImageSet, specs: List[EvalSpec], net_spec: NetSpec, seed: int,
+                   dsa_strategy: Optional[str], device, progress: bool, who: str) -> Dict[str, Any]:
     if not isinstance(test, ImageSet):
-        raise ValueError(f"evaluate_synthetic: test must be an ImageSet, got {type(test).__name__}")
-    if tuple(images.shape[1:]) != (test.channels, *test.im_size):
-        raise ValueError(f"evaluate_synthetic: synthetic images {tuple(images.shape[1:])} do not match the "
-                         f"test images {(test.channels, *test.im_size)}")
-    lo, hi = (0, labels.shape[1] - 1) if soft else (int(labels.min()), int(labels.max()))
-    if lo < 0 or hi >= test.num_classes or (soft and labels.shape[1] != test.num_classes):
-        raise ValueError(f"evaluate_synthetic: labels must lie in [0, {test.num_classes}), got [{lo}, {hi}]")
-    if spec.num_nets < 1 or spec.epochs < 1:
-        raise ValueError(f"evaluate_synthetic: need num_nets >= 1 and epochs >= 1, got {spec.num_nets}, "
-                         f"{spec.epochs}")
+        raise ValueError(f"{who}: test must be an ImageSet, got {type(test).__name__}")
+    checked = []
+    for images, labels in stage_sets:
+        _check_set(images, labels, who, soft_ok=True)
+        soft = labels.dim() == 2
+        if tuple(images.shape[1:]) != (test.channels, *test.im_size):
+            raise ValueError(f"{who}: synthetic images {tuple(images.shape[1:])} do not match the "
+                             f"test images {(test.channels, *test.im_size)}")
+        lo, hi = (0, labels.shape[1] - 1) if soft else (int(labels.min()), int(labels.max()))
+        if lo < 0 or hi >= test.num_classes or (soft and labels.shape[1] != test.num_classes):
+            raise ValueError(f"{who}: labels must lie in [0, {test.num_classes}), got [{lo}, {hi}]")
+        checked.append((images.detach().float().cpu(), labels.detach().cpu().float() if soft else
+                        labels.detach().cpu().long()))
+    spec = specs[0]
+    if spec.num_nets < 1 or any(s.epochs < 1 for s in specs):
+        raise ValueError(f"{who}: need num_nets >= 1 and epochs >= 1, got {spec.num_nets}, "
+                         f"{[s.epochs for s in specs]}")
     if dsa_strategy is not None and dsa_strategy.lower() == "auto":
         dsa_strategy = default_strategy(test.name)
     net_spec = spec.net if spec.net is not None else net_spec
     dsa_used = bool(spec.dsa and dsa_strategy and dsa_strategy.lower() != "none")
-    images, labels = images.detach().float().cpu(), labels.detach().cpu()
-    labels = labels.float() if soft else labels.long()
-    accs, seeds, started = [], [], time.perf_counter()
+    accs: List[List[float]] = [[] for _ in checked]
+    seeds, started = [], time.perf_counter()
     for j in tqdm(range(spec.num_nets), desc="evaluate", disable=not progress):
         net_seed = int(seed) * 1000 + j
         net = build_eval_network(net_spec, test.channels, test.num_classes, test.im_size, net_seed)
-        train_network(net, images, labels, spec, net_seed, dsa_strategy if dsa_used else None, device,
-                      progress=progress)
-        accs.append(test_accuracy(net, test, device=device))
+        train_stages(net, checked, specs, net_seed, dsa_strategy if dsa_used else None, device,
+                     after_stage=lambda k: accs[k].append(test_accuracy(net, test, device=device)))
         seeds.append(net_seed)
-    arr = np.asarray(accs, dtype=np.float64)
+    stages = [{"mean": float(np.mean(a)), "std": float(np.std(a, ddof=0)), "accs": [float(v) for v in a]}
+              for a in accs]
     protocol = {k: v for k, v in dataclasses.asdict(spec).items() if k != "net"}
     protocol.update(net=dataclasses.asdict(net_spec), dsa=dsa_used, dsa_strategy=dsa_strategy if dsa_used else None,
                     lr_schedule="x0.1 from epoch ceil(epochs/2)", reported="final epoch",
                     variant=describe_protocol(spec, net_spec, dsa_used))
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=0)), "std_kind": "population (ddof=0)",
-            "accs": [float(a) for a in accs], "seeds": seeds, "seconds": time.perf_counter() - started,
-            "protocol": protocol}
+    if len(checked) > 1:
+        protocol.update(stages=len(checked), stage_lrs=[s.lr for s in specs],
+                        variant=protocol["variant"] + f"; trained through {len(checked)} stages ({spec.epochs} epochs "
+                                                      f"each, a fresh optimiser per stage)")
+    return {"mean": stages[-1]["mean"], "std": stages[-1]["std"], "std_kind": "population (ddof=0)",
+            "accs": stages[-1]["accs"], "seeds": seeds, "seconds": time.perf_counter() - started,
+            "protocol": protocol, "stages": stages}

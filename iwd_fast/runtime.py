@@ -48,6 +48,8 @@ class Stream(enum.IntEnum):
     IDC_AUGMENT = 52       # IDC: augmentation draws
     IDC_NETWORKS = 53      # IDC: the network of each iteration (with the iteration)
     IDC_SUBSAMPLE = 54     # IDC: subsampling of decoded synthetic images above batch_syn_max
+    PDD_STAGE = 61         # PDD: the seed of stage k >= 1 (with k; stage 0 runs on the run seed itself)
+    PDD_CONDITION = 62     # PDD: training a network on the earlier stages' images (with the stage and the network)
 
 
 class TrainingStream(enum.IntEnum):

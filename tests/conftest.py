@@ -35,6 +35,11 @@ def error_budget(fast: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, e
 @pytest.fixture(scope="module")
 def tiny_splits():
     """(distillation tests) A learnable 4-class 8x8 problem (class c has a bright quadrant c), small enough for seconds."""
+    return make_tiny_splits()
+
+
+def make_tiny_splits():
+    """The data of the ``tiny_splits`` fixture (also for subprocesses a test starts)."""
     from iwd_fast.data import DatasetSplits, from_tensors  # after the interpreter switch above
 
     g = torch.Generator().manual_seed(0)

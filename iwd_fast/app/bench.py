@@ -166,6 +166,10 @@ def cell_row(cell: Cell, folder: Path) -> Optional[Dict[str, Any]]:
            "influence": cell.config.iwd.influence, "budget": cell.config.preset,
            "iterations": cell.config.iterations, "loops": [cell.config.outer_loop, cell.config.inner_loop],
            "train_size": cell.config.train_size, "test_size": cell.config.test_size}
+    if acc.get("stages"):  # PDD: the cumulative accuracy after each stage, distilled and initial images
+        row.update(stage_accuracy=[st["mean"] for st in acc["stages"]],
+                   init_stage_accuracy=[st["mean"] for st in init.get("stages") or []],
+                   pdd_base=cell.config.pdd.base)
     return row
 
 

@@ -214,17 +214,18 @@ def _cell_config(grid, variant, method, dataset, ipc, rate, kind, seed, opened, 
     noise and seed; refused here, naming the grid, not when the cell runs."""
     preset, overrides = grid.get("preset", "cpu"), _merge(grid.get("config", {}), variant)
     try:
+        pdd_base = overrides.get("pdd", {}).get("base") if method == "pdd" else None  # PDD's preset needs it
         if is_user_dataset(dataset):  # any name that is not built in is a folder or tensors file
             data_spec, dataset = _data_spec(overrides), str(Path(dataset).resolve())
             key = json.dumps([dataset, dataclasses.asdict(data_spec)])
             if key not in opened:
                 opened[key] = open_user_data(dataset, data_spec)
-            cfg, said = scaled_config(preset, method, dataset, opened[key], ipc, fixed=set(overrides))
+            cfg, said = scaled_config(preset, method, dataset, opened[key], ipc, fixed=set(overrides), base=pdd_base)
             notes[f"{dataset_label(dataset)} ({method}, ipc {ipc}, preset {preset})"] = said
             base = cfg.replace(data=data_spec).to_dict()
             overrides = {k: v for k, v in overrides.items() if k != "data"}
         else:
-            base = preset_config(preset, method, dataset, ipc).to_dict()
+            base = preset_config(preset, method, dataset, ipc, base=pdd_base).to_dict()
         merged = _merge(base, overrides)
         merged.update(noise=rate, noise_kind=kind, seed=seed)
         cfg = DistillConfig.from_dict(merged)

@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 from ..data.user_data import UserData, UserDataSpec, dataset_label, describe_sources, is_user_dataset, open_user_data
 from ..distill.config import INIT_MODES, NOISE_KINDS, WARMUP_INFLUENCES, WEIGHTINGS, DistillConfig
 from ..networks import NETWORK_NAMES
+from ..distill.pdd import PDD_BASES
 from ..weighting import TARGETS, TRANSFORMS
 from .presets import METHODS, default_weighting, list_presets
 
@@ -65,6 +66,9 @@ def add_distill_parser(sub) -> argparse.ArgumentParser:
                    help="validation target: share of the held-out batch (lowest loss) defining the direction")
     d.add_argument("--noise", type=float, default=0.0, help="label-noise rate injected into the training set")
     d.add_argument("--noise-kind", choices=NOISE_KINDS, default="symmetric")
+    d.add_argument("--pdd-base", choices=sorted(PDD_BASES), default=None,
+                   help="--method pdd: the base method each stage runs (default: mtt)")
+    d.add_argument("--stages", type=int, default=None, help="--method pdd: number of stages (default: the preset's)")
     d.add_argument("--preset", choices=list_presets(), default="cpu", help="budget preset (see app/presets.py)")
     d.add_argument("--iterations", type=int, default=None, help="override the preset's iteration count")
     d.add_argument("--train-size", type=int, default=None, help="class-stratified training subset (0: all)")
@@ -102,17 +106,22 @@ def config_from_args(args, data: Optional[UserData] = None) -> Tuple[DistillConf
                 raise ValueError(f"--config {args.config}: {err}") from None
     from .presets import preset_config
 
+    if (args.pdd_base is not None or args.stages is not None) and args.method != "pdd":
+        raise ValueError("--pdd-base and --stages are settings of --method pdd")
     notes: List[str] = []
     if data is None:
-        cfg = preset_config(args.preset, args.method, args.dataset, args.ipc or 10)
+        cfg = preset_config(args.preset, args.method, args.dataset, args.ipc or 10, base=args.pdd_base)
     else:
         from .scaling import scaled_config
 
         fixed = {f for f, given in (("train_size", args.train_size), ("net", args.model)) if given is not None}
-        cfg, notes = scaled_config(args.preset, args.method, str(Path(args.dataset).resolve()), data, args.ipc, fixed)
+        cfg, notes = scaled_config(args.preset, args.method, str(Path(args.dataset).resolve()), data, args.ipc, fixed,
+                                   base=args.pdd_base)
         cfg = cfg.replace(data=user_data_spec(args))
     if args.model is not None:
         cfg = cfg.replace(net=dataclasses.replace(cfg.net, name=args.model))
+    if args.stages is not None:
+        cfg = cfg.replace(pdd=dataclasses.replace(cfg.pdd, stages=args.stages))
     changes = {f: getattr(args, f) for f in IWD_FLAGS if getattr(args, f) is not None}
     cfg = cfg.replace(weighting=args.weighting or default_weighting(args.method),
                       iwd=dataclasses.replace(cfg.iwd, **changes), noise=args.noise, noise_kind=args.noise_kind,
@@ -211,7 +220,8 @@ def run_evaluate(args) -> int:
 
         test = dataclasses.replace(test, images=ZCATransform(syn["zca_mean"], syn["zca_matrix"])(test.images))
     seed = None if args.seed is None else mix_seed(args.seed, Stream.REEVALUATION)
-    ev = evaluate_images(cfg, images, targets, test, args.device, eval_spec=spec, seed=seed, progress=not args.quiet)
+    ev = evaluate_images(cfg, images, targets, test, args.device, eval_spec=spec, seed=seed, progress=not args.quiet,
+                         stages=syn.get("eval_stage"))  # PDD: through its stages
     run.save_json("evaluation.json", ev)
     print(f"test accuracy {100 * ev['mean']:.2f} ± {100 * ev['std']:.2f} over {len(ev['accs'])} nets "
           f"({ev['protocol']['variant']}); written to {run.path / 'evaluation.json'}")

@@ -22,7 +22,7 @@ from ..distill.config import DistillConfig, needs_warmup, validate
 from ..distill.pool import initial_indices, prepare_pool
 from ..distill.preflight import check_networks, check_pool
 from ..distill.warmup import clean_pool, warmup_weights
-from ..evaluate import evaluate_synthetic
+from ..evaluate import evaluate_stages, evaluate_synthetic
 from ..distill.stages import RunContext
 from ..runtime import PhaseTimer, Stream, mix_seed, resolve_device
 from .run_folder import RunFolder
@@ -194,25 +194,38 @@ def _summary(cfg, init, pool, warmup, iwd, timer) -> Dict[str, Any]:
 
 def dsa_strategy_of(cfg: DistillConfig) -> Optional[str]:
     """The DSA strategy a run distils (and, when its eval spec says so, evaluates) with; None for DC."""
-    if cfg.method not in ("dsa", "dm") and not getattr(METHODS[cfg.method], "USES_DSA", False):
+    cls = METHODS[cfg.method]
+    uses_dsa = cls.uses_dsa(cfg) if hasattr(cls, "uses_dsa") else getattr(cls, "USES_DSA", False)
+    if cfg.method not in ("dsa", "dm") and not uses_dsa:
         return None
     return default_strategy(cfg.dataset) if cfg.dsa_strategy == "auto" else cfg.dsa_strategy
 
 
 def evaluate_images(cfg: DistillConfig, images: torch.Tensor, labels: torch.Tensor, test, device,
-                    eval_spec=None, seed: Optional[int] = None, progress: bool = False) -> Dict[str, Any]:
+                    eval_spec=None, seed: Optional[int] = None, progress: bool = False,
+                    stages: Optional[torch.Tensor] = None) -> Dict[str, Any]:
     """Evaluate a synthetic set the way run ``cfg`` does: with ``seed=None`` and the run's own eval spec,
-    exactly the networks (hence the accuracy) the run reported."""
+    exactly the networks (hence the accuracy) the run reported. ``stages`` (int64 [M], PDD): the stage of
+    each image; the networks then train on the union of stages 0..k for every k in turn (``eval_spec`` may
+    be one EvalSpec per stage) and the result holds each stage's cumulative accuracy."""
     seed = mix_seed(cfg.seed, Stream.EVALUATION) if seed is None else seed
-    return evaluate_synthetic(images.detach(), labels, test, eval_spec or cfg.eval, cfg.net, seed=seed,
-                              dsa_strategy=dsa_strategy_of(cfg) or "auto", device=device, progress=progress)
+    strategy = dsa_strategy_of(cfg) or "auto"
+    if stages is None:
+        return evaluate_synthetic(images.detach(), labels, test, eval_spec or cfg.eval, cfg.net, seed=seed,
+                                  dsa_strategy=strategy, device=device, progress=progress)
+    stages = stages.to(images.device)
+    sets = [(images.detach()[stages <= k], labels[stages <= k]) for k in range(int(stages.max()) + 1)]
+    return evaluate_stages(sets, test, eval_spec or cfg.eval, cfg.net, seed=seed, dsa_strategy=strategy, device=device,
+                           progress=progress)
 
 
 def _evaluate(cfg, method, test, device, spec=None) -> Dict[str, Any]:
-    """Evaluate what the method trains on (its ``evaluation_set`` hook, else the images and hard labels)."""
+    """Evaluate what the method trains on (its ``evaluation_set`` hook, else the images and hard labels),
+    through its stages when it has an ``evaluation_stages`` hook (PDD)."""
     images, targets = (method.evaluation_set() if hasattr(method, "evaluation_set")
                        else (method.syn.images, method.syn.labels))
-    return evaluate_images(cfg, images, targets, test, device, eval_spec=spec)
+    stages = method.evaluation_stages() if hasattr(method, "evaluation_stages") else None
+    return evaluate_images(cfg, images, targets, test, device, eval_spec=spec, stages=stages)
 
 
 def _initial_accuracy(cfg, method, test, device, init, cache: Optional[str]) -> Dict[str, Any]:
@@ -223,6 +236,8 @@ def _initial_accuracy(cfg, method, test, device, init, cache: Optional[str]) -> 
                  "dsa": dsa_strategy_of(cfg), "method_eval": cfg.method in ("dsa", "dm")}
     if hasattr(METHODS[cfg.method], "prepare"):  # its stage shapes the initial set (experts, ZCA, IDC tiles)
         key_parts.update(method=cfg.method, tm=cfg.to_dict()["tm"], idc=cfg.to_dict()["idc"])
+    if hasattr(method, "evaluation_stages"):  # evaluated through its stages (PDD)
+        key_parts.update(pdd=cfg.to_dict()["pdd"])
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache) / f"init_{key}.json" if cache else None
     if path is not None and path.is_file():

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..distill import METHODS as _METHOD_CLASSES
-from ..distill.config import DistillConfig
+from ..distill.config import DistillConfig, PDDSpec
+from ..distill.pdd import PDD_BASES
 
 __all__ = ["default_weighting", "noisy_label_recipe", "PRESETS", "FIELD_LOOPS", "METHODS", "preset_config", "list_presets", "describe_preset",
            "loops_for_ipc"]
@@ -52,6 +53,24 @@ _DATM_PAPER_BY_IPC = {
     50: {"lr_img": 1000, "tm": {"syn_steps": 80, "expert_epochs": 2, "max_start_epoch": 40, "lr_lr": 1e-5,
                                 "datm_initial_max_start": 20, "datm_expansion_end": 2000, "datm_lr_labels": 2.0}},
 }
+# PDD on MTT per IPC (CIFAR-10): the PDD repository's README commands (P = 5 stages of IPC / 5 images per class);
+# the conditioned experts train max_start_epoch + expert_epochs + 1 epochs on real data (its distill_mtt.py).
+# At IPC 1 (one stage) PDD is MTT.
+_PDD_MTT_PAPER_BY_IPC = {
+    1: {"iterations": 5000, "eval": {"epochs": 1000}},
+    10: {"lr_img": 1000, "tm": {"syn_steps": 50, "expert_epochs": 2, "max_start_epoch": 5, "lr_lr": 1e-7, "zca": True},
+         "pdd": {"stage_expert_epochs": 5 + 2 + 1}},
+    50: {"lr_img": 1000, "tm": {"syn_steps": 30, "expert_epochs": 2, "max_start_epoch": 15, "lr_lr": 1e-5, "zca": True},
+         "pdd": {"stage_expert_epochs": 15 + 2 + 1}},
+}
+
+
+def _idc_lr(ipc_per_stage: int) -> float:
+    """IDC's image lr for CIFAR in our normalised pixels: 5e-3 in [0, 1] pixels scaled by IPC / 10 (its
+    argument.py ``tune_lr_img``), divided by CIFAR-10's per-channel variance (std about 0.25, std^2 0.0625)."""
+    return 5e-3 * ipc_per_stage / 10 / 0.0625
+
+
 # The reduced CPU evaluation every CPU budget shares: 5 networks x 300 epochs, batch 256, no DSA (DSA and DM
 # switch DSA on).
 _CPU_EVAL = {"num_nets": 5, "epochs": 300, "batch_size": 256, "dsa": False}
@@ -105,25 +124,35 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "loops": FIELD_LOOPS,
         "all": {"iterations": 1000, "lr_img": 0.1, "lr_net": 0.01, "momentum_img": 0.5, "batch_real": 256,
                 "batch_train_net": 256, "net": dict(_FIELD_NET), "eval": dict(_FIELD_EVAL)},
-        "dc": {"eval": {"dsa": False, "epochs": 300}},
-        "dsa": {"eval": {"dsa": True, "epochs": 1000}},
+        "dc": {"eval": {"dsa": False, "epochs": 300, "num_nets": 20}},
+        "dsa": {"eval": {"dsa": True, "epochs": 1000, "num_nets": 20}},
         "dm": {"iterations": 20000, "lr_img": 1.0, "eval": {"dsa": True, "epochs": 1000}},
         # Trajectory matching and IDC (docs/TRAJECTORY.md): the authors' repositories' settings.
         "mtt": {"iterations": 5000, "lr_img": 1000, "momentum_img": 0.5, "eval": {"dsa": True, "epochs": 1000},
                 "tm": {"num_experts": 100, "train_epochs": 50, "expert_lr": 0.01, "syn_steps": 20, "expert_epochs": 3,
                        "max_start_epoch": 20, "lr_lr": 1e-5, "zca": True, "eval_learned_lr": True}},
         "mtt_by_ipc": _MTT_PAPER_BY_IPC,
-        "datm": {"iterations": 10000, "lr_img": 100, "momentum_img": 0.5, "eval": {"dsa": True, "epochs": 1000},
-                 "tm": {"num_experts": 100, "train_epochs": 50, "expert_lr": 0.01, "syn_steps": 80, "expert_epochs": 2,
+        "datm": {"iterations": 10000, "lr_img": 100, "momentum_img": 0.5,
+                 "eval": {"dsa": True, "epochs": 1000, "batch_size": 128},
+                 "tm": {"num_experts": 100, "train_epochs": 100, "expert_lr": 0.01, "syn_steps": 80, "expert_epochs": 2,
                         "min_start_epoch": 0, "max_start_epoch": 20, "lr_lr": 1e-5, "zca": True,
                         "eval_learned_lr": True, "datm_sequential": True, "datm_initial_max_start": 10,
                         "datm_expansion_end": 1000, "datm_lr_labels": 2.0, "datm_momentum_labels": 0.9,
                         "datm_threshold": 1.0, "datm_init_correct": True}},
         "datm_by_ipc": _DATM_PAPER_BY_IPC,
-        "idc": {"iterations": 2000, "lr_img": 5e-3 / 0.0625, "momentum_img": 0.5, "batch_real": 64,
-                "eval": {"dsa": True, "epochs": 1000},
+        "idc": {"iterations": 2000, "lr_img": _idc_lr(10), "momentum_img": 0.5, "batch_real": 64,
+                "eval": {"dsa": True, "epochs": 1000, "batch_size": 64},
                 "idc": {"factor": 2, "inner_loop": 100, "net_images": 2000, "metric": "mse",
                         "aug": "color_crop_cutout", "batch_syn_max": 128, "init": "mix"}},
+        "idc_by_ipc": {ipc: {"lr_img": _idc_lr(ipc)} for ipc in (1, 10, 50)},
+        # PDD (docs/PAPER_PROTOCOL.md): 5 stages at IPC 10 and 50 (none at IPC 1: one stage is the base method).
+        "pdd": {"pdd": {"stages": 5}},
+        "pdd_by_ipc": {1: {"pdd": {"stages": 1}}, 10: {}, 50: {}},
+        "pdd_mtt": {"iterations": 5 * 5000, "eval": {"epochs": 500},
+                    "pdd": {"condition_epochs": 1000, "condition_learned_lr": True}},
+        "pdd_mtt_by_ipc": _PDD_MTT_PAPER_BY_IPC,
+        "pdd_idc": {"iterations": 5 * 2000, "pdd": {"condition_epochs": 200}},
+        "pdd_idc_by_ipc": {1: {"iterations": 2000}, 10: {"lr_img": _idc_lr(2)}, 50: {"lr_img": _idc_lr(10)}},
     },
     "cpu": {
         "description": "reduced CPU budget (not the field's protocol; measured in benchmarks/RESULTS.md): a 10,000-image "
@@ -138,6 +167,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "mtt": dict(_TM_CPU),
         "datm": dict(_DATM_CPU),
         "idc": dict(_IDC_CPU),
+        # PDD: 2 stages of IPC / 2 images per class; IDC's budget, 5 iterations a stage, on the cpu preset's 10,000
+        # images (benchmarks/RESULTS.md section 9); on MTT its budget split in two (not measured).
+        "pdd": {"pdd": {"stages": 2, "condition_epochs": 50}},
+        "pdd_by_ipc": {1: {"pdd": {"stages": 1}}, 10: {}},
+        "pdd_idc": {"train_size": 10000, "iterations": 2 * 5},
+        "pdd_mtt": {"iterations": 2 * 200},
     },
     "demo": {
         "description": "demo budget (not the field's protocol): the cpu preset's loops on the demo's data (a 3,000-image "
@@ -158,6 +193,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "mtt": {"lr_img": 100.0, "tm": dict(_TM_SMOKE)},
         "datm": {"lr_img": 100.0, "tm": {**_TM_SMOKE, "datm_initial_max_start": 1, "datm_expansion_end": 2}},
         "idc": {"lr_img": 1e-3, "idc": {"inner_loop": 1, "net_images": 16, "batch_syn_max": 8}},
+        "pdd": {"pdd": {"stages": 2, "condition_epochs": 2}},
+        "pdd_by_ipc": {1: {"pdd": {"stages": 1}}, 2: {"pdd": {"stages": 2}}},
     },
 }
 
@@ -229,28 +266,39 @@ def _merge(target: Dict[str, Any], overrides: Dict[str, Any]) -> None:
             target[key] = copy.deepcopy(value)
 
 
-def preset_config(name: str, method: str, dataset: str, ipc: int) -> DistillConfig:
-    """A :class:`DistillConfig` for ``method`` (dc | dsa | dm) on ``dataset`` at ``ipc`` under preset ``name``.
+def preset_config(name: str, method: str, dataset: str, ipc: int, base: Optional[str] = None) -> DistillConfig:
+    """A :class:`DistillConfig` for ``method`` on ``dataset`` at ``ipc`` under preset ``name``.
 
-    Starts from the config defaults, applies the preset's ``"all"`` overrides, then its method overrides,
-    then its ``"datasets"`` overrides for ``dataset``, then the outer/inner loops for ``ipc``; ``cfg.preset`` records the name. Unknown names, methods or a
-    non-positive IPC raise ValueError.
+    Starts from the config defaults, applies the preset's ``"all"`` overrides, then its ``"datasets"``
+    overrides for ``dataset``, then its method overrides (a method's own settings win over the dataset's)
+    with their per-IPC table ``"<method>_by_ipc"``, then the outer/inner loops for ``ipc``; ``cfg.preset``
+    records the name. PDD (``method="pdd"``) runs on ``base`` (default ``PDDSpec.base``): the base method's
+    blocks apply first, then ``"pdd"`` and ``"pdd_<base>"`` (with their per-IPC tables). Unknown names,
+    methods or a non-positive IPC raise ValueError.
     """
     preset = _get(name)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     if not isinstance(ipc, int) or isinstance(ipc, bool) or ipc < 1:
         raise ValueError(f"ipc must be a positive integer, got {ipc!r}")
+    if base is not None and method != "pdd":
+        raise ValueError(f"a base method is a PDD setting; method {method!r} takes none")
+    base = (base or PDDSpec().base) if method == "pdd" else None
+    if base is not None and base not in PDD_BASES:
+        raise ValueError(f"PDD runs on {' or '.join(PDD_BASES)}, got base {base!r}")
     outer, inner = loops_for_ipc(name, ipc)
     d = DistillConfig(method=method, dataset=dataset, ipc=ipc).to_dict()
     _merge(d, preset.get("all", {}))
     _merge(d, preset.get("datasets", {}).get(dataset, {}))
-    _merge(d, preset.get(method, {}))  # a method's own settings win over the dataset's
-    by_ipc = preset.get(f"{method}_by_ipc")  # per-IPC overrides of one method (trajectory matching)
-    if by_ipc:
-        if ipc not in by_ipc and preset["strict_ipc"]:
-            raise ValueError(f"preset {name!r} defines {method} only for IPC {sorted(by_ipc)}, got {ipc}")
-        _merge(d, by_ipc.get(ipc, by_ipc[min(by_ipc, key=lambda k: (abs(k - ipc), k))]))
+    for block in ([method] if base is None else [base, "pdd", f"pdd_{base}"]):
+        _merge(d, preset.get(block, {}))
+        by_ipc = preset.get(f"{block}_by_ipc")  # per-IPC overrides of one method (trajectory matching, IDC, PDD)
+        if by_ipc:
+            if ipc not in by_ipc and preset["strict_ipc"]:
+                raise ValueError(f"preset {name!r} defines {block} only for IPC {sorted(by_ipc)}, got {ipc}")
+            _merge(d, by_ipc.get(ipc, by_ipc[min(by_ipc, key=lambda k: (abs(k - ipc), k))]))
+    if base is not None:
+        d["pdd"]["base"] = base
     d.update(outer_loop=outer, inner_loop=inner, preset=name)
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(DistillConfig)})
     if unknown:

@@ -165,6 +165,25 @@ def _stage_costs(rows: List[Dict[str, Any]]) -> List[str]:
     return ["\n" + "\n".join(lines)] if lines else []
 
 
+def _stage_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    """PDD: the cumulative accuracy after each stage (mean over seeds), initial images and each variant."""
+    staged = [r for r in rows if r.get("stage_accuracy")]
+    if not staged:
+        return []
+
+    def chain(runs, field):
+        per_stage = list(zip(*[r[field] for r in runs if r.get(field)]))
+        return " -> ".join(f"{100 * float(np.mean(v)):.1f}" for v in per_stage) or "-"
+
+    by_variant = defaultdict(list)
+    for r in staged:
+        by_variant[r["variant"]].append(r)
+    lines = [f"- cumulative test accuracy % after each stage (PDD on {staged[0].get('pdd_base', '?').upper()}, "
+             f"mean over seeds): initial images {chain(staged, 'init_stage_accuracy')}"]
+    lines += [f"- {name}: {chain(vr, 'stage_accuracy')} ({len(vr)} runs)" for name, vr in by_variant.items()]
+    return ["\n" + "\n".join(lines)]
+
+
 def _recovery(stats: Dict, baseline: str, clean_acc: Dict[int, float]) -> List[str]:
     """Per variant: the share of the noise cost won back, and the one-sided test of winning back half."""
     from scipy import stats as st
@@ -217,6 +236,7 @@ def render(rows: List[Dict[str, Any]], baseline: str = "unweighted") -> str:
                      f"{sel[0].get('train_size') or 'all'}; eval {eval_variant})\n")
         parts.append(markdown_table([h.format(b=baseline) for h in HEADERS], table))
         parts.extend(_stage_costs(sel))
+        parts.extend(_stage_lines(sel))
         if clean:
             lines = _recovery(stats, baseline, _by_seed(clean, "accuracy"))
             if lines:

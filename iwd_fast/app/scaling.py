@@ -61,25 +61,26 @@ def _subset_labels(labels: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def scaled_config(preset: str, method: str, dataset: str, data: UserData, ipc: Optional[int] = None,
-                  fixed: Collection[str] = ()) -> Tuple[DistillConfig, List[str]]:
+                  fixed: Collection[str] = (), base: Optional[str] = None) -> Tuple[DistillConfig, List[str]]:
     """The config of ``preset`` for ``method`` on the opened ``data`` (``dataset`` its path, as stored in the
     config), scaled as the module docstring says, and the lines that say what was chosen and why.
 
     ``ipc``: None chooses it (:func:`auto_ipc`). ``fixed``: config fields the caller sets itself afterwards
-    ("train_size", "test_size", "net"), left as the preset has them.
+    ("train_size", "test_size", "net"), left as the preset has them. ``base``: PDD's base method (as in
+    ``preset_config``).
     """
     labels = data.train_labels()
-    base = preset_config(preset, method, dataset, ipc or 10)
+    start = preset_config(preset, method, dataset, ipc or 10, base=base)
     reference = PRESETS[preset].get("datasets", {}).get(REFERENCE_DATASET, {})
     changes, notes = {}, []
     n_train, n_test = int(labels.numel()), data.test_size()
     for key, n, what in (("train_size", n_train, "training"), ("test_size", n_test, "test")):
         cap = reference.get(key, 0)
-        if key not in fixed and not getattr(base, key) and cap and n > cap:
+        if key not in fixed and not getattr(start, key) and cap and n > cap:
             changes[key] = cap
             notes.append(f"{key} {cap}: a stratified subset of the {n} {what} images (the size preset {preset!r} was "
                          f"measured at on {REFERENCE_DATASET})")
-    used = _subset_labels(labels, changes.get("train_size", base.train_size))
+    used = _subset_labels(labels, changes.get("train_size", start.train_size))
     counts = torch.bincount(used, minlength=data.num_classes)
     smallest = int(counts.min())
     small_name = data.class_names[int(counts.argmin())]
@@ -87,7 +88,7 @@ def scaled_config(preset: str, method: str, dataset: str, data: UserData, ipc: O
         ipc = auto_ipc(smallest)
         notes.append(f"ipc {ipc}: the field's {'10' if ipc == 10 else '1 (10 would exceed a tenth of the smallest class)'}"
                      f"; smallest class {small_name!r} has {smallest} training images")
-    cfg = preset_config(preset, method, dataset, ipc).replace(**changes)
+    cfg = preset_config(preset, method, dataset, ipc, base=base).replace(**changes)
     need = images_needed(cfg)
     check_class_sizes(used, data.num_classes, need, f"training set of {data.name!r}", data.class_names,
                       f" (ipc={ipc})" if need == ipc else f" (ipc={ipc} x {need // ipc} tiles of IDC's mix start)")

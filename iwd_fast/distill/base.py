@@ -13,7 +13,7 @@ from ..networks import NetSpec
 from ..runtime import MethodStreams, PhaseTimer, mix_seed
 from ..weighting import IndexedClassSampler
 
-__all__ = ["RealPool", "SyntheticSet", "Distiller", "build_net", "PLAIN_REAL_SIDE", "SCORED_REAL_SIDE"]
+__all__ = ["RealPool", "SyntheticSet", "FrozenImages", "Distiller", "build_net", "PLAIN_REAL_SIDE", "SCORED_REAL_SIDE"]
 
 # Timer phases of the real side of a step: plain, and captured for scoring. Their difference per call is
 # what scoring adds to the loop beyond its own "scoring" phase (directions, dots read out, updates).
@@ -62,6 +62,23 @@ class SyntheticSet(nn.Module):
         return self.images[c * self.ipc:(c + 1) * self.ipc]
 
 
+@dataclass
+class FrozenImages:
+    """Synthetic images a distiller trains with but never updates (PDD: the earlier stages' images).
+
+    images [num_classes * per_class, C, H, W], class-major like a SyntheticSet; labels int64 [num_classes *
+    per_class]. The methods that accept them (MTT, IDC) put them beside their own images: the student of
+    MTT unrolls on the union, IDC decodes and matches each class's union.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    per_class: int
+
+    def of_class(self, c: int) -> torch.Tensor:
+        return self.images[c * self.per_class:(c + 1) * self.per_class]
+
+
 def build_net(spec: NetSpec, pool: RealPool, seed: int, device) -> nn.Module:
     return build_eval_network(spec, pool.channels, pool.num_classes, pool.im_size, seed).to(device)
 
@@ -75,6 +92,7 @@ class Distiller:
     """
 
     STREAMS: MethodStreams
+    frozen: Optional[FrozenImages] = None  # earlier images trained with, never updated (set by PDD; MTT and IDC use it)
 
     def __init__(self, cfg, pool: RealPool, syn: SyntheticSet, iwd,
                  dsa_strategy: Optional[str], device, timer: Optional[PhaseTimer] = None):

@@ -11,7 +11,7 @@ from ..evaluate import EvalSpec
 from ..networks import NetSpec
 from ..weighting.weighter import WEIGHTER_DEFAULTS
 
-__all__ = ["NetSpec", "EvalSpec", "IWDSpec", "TrajectorySpec", "IDCSpec", "DistillConfig"]
+__all__ = ["NetSpec", "EvalSpec", "IWDSpec", "TrajectorySpec", "IDCSpec", "PDDSpec", "DistillConfig"]
 
 
 @dataclass
@@ -121,6 +121,22 @@ class IDCSpec:
 
 
 @dataclass
+class PDDSpec:
+    """PDD, progressive dataset distillation (Chen et al., ICLR 2024; docs/TRAJECTORY.md): ``stages`` subsets
+    distilled one after the other by the ``base`` method, each conditioned on the earlier stages' images
+    (frozen), the student training on the union of the stages so far. The run's ``ipc`` is the total
+    (``ipc / stages`` new images per class and stage) and its ``iterations`` the total (``iterations /
+    stages`` per stage)."""
+
+    base: str = "mtt"                   # mtt | idc
+    stages: int = 5
+    condition_epochs: int = 300         # epochs on the union of each earlier stage before a stage's network
+                                        # (MTT: expert start; IDC: every network) continues; the evaluation's recipe
+    condition_learned_lr: bool = False  # MTT: condition on stage j's union at stage j's learned synthetic lr
+    stage_expert_epochs: int = 0        # MTT: real-data epochs of the conditioned experts (0: tm.train_epochs)
+
+
+@dataclass
 class DistillConfig:
     method: str = "dc"              # see iwd_fast.distill.METHODS
     dataset: str = "digits"
@@ -150,6 +166,7 @@ class DistillConfig:
     tm: TrajectorySpec = field(default_factory=TrajectorySpec)
     idc: IDCSpec = field(default_factory=IDCSpec)
     data: UserDataSpec = field(default_factory=UserDataSpec)  # a dataset of one's own (dataset = a folder or file)
+    pdd: PDDSpec = field(default_factory=PDDSpec)
 
     def to_dict(self) -> Dict[str, Any]:
         """Every field as plain values; ``data`` only when it differs from its defaults (so the config files
@@ -169,7 +186,7 @@ class DistillConfig:
         check_config_types(cls, d)  # every key known and of its field's type, nested tables included
         d = dict(d)
         for key, sub in (("iwd", IWDSpec), ("net", NetSpec), ("tm", TrajectorySpec), ("idc", IDCSpec),
-                         ("data", UserDataSpec)):
+                         ("data", UserDataSpec), ("pdd", PDDSpec)):
             if isinstance(d.get(key), dict):
                 d[key] = sub(**d[key])
         if isinstance(d.get("eval"), dict):

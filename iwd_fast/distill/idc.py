@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from .base import build_net
 from .gradient_matching import GradientMatching
 from .stages import Preparation
 
-__all__ = ["decode_multi", "mix_initial_images", "idc_distance", "IDC", "IDC_METRICS"]
+__all__ = ["decode_multi", "decoded_set", "mix_initial_images", "idc_distance", "check_idc_config", "IDC", "IDC_METRICS"]
 
 IDC_METRICS = ("l1", "mse", "cos")
 
@@ -53,6 +53,16 @@ def decode_multi(images: torch.Tensor, factor: int) -> torch.Tensor:
         x = F.pad(x, (0, sw * factor - w, 0, sh * factor - h), mode="replicate")
     tiles = [x[:, :, i * sh:(i + 1) * sh, j * sw:(j + 1) * sw] for i in range(factor) for j in range(factor)]
     return F.interpolate(torch.cat(tiles), size=(h, w), mode="bilinear", align_corners=False)
+
+
+def decoded_set(images: torch.Tensor, num_classes: int, factor: int):
+    """What a network trains on: stored images [num_classes * n, C, H, W] (class-major) decoded class by
+    class -> (images [num_classes * factor**2 * n, C, H, W], labels int64), class-major."""
+    n = images.shape[0] // num_classes
+    with torch.no_grad():
+        parts = [decode_multi(images[c * n:(c + 1) * n].detach(), factor) for c in range(num_classes)]
+    labels = torch.arange(num_classes, device=images.device).repeat_interleave(parts[0].shape[0])
+    return torch.cat(parts), labels
 
 
 def mix_initial_images(real: torch.Tensor, factor: int) -> torch.Tensor:
@@ -93,32 +103,36 @@ def idc_distance(gw_syn: Sequence[torch.Tensor], gw_real: Sequence[torch.Tensor]
     return total
 
 
+def check_idc_config(cfg) -> None:
+    """One-line errors for IDC's options (``cfg.idc``)."""
+    spec = cfg.idc
+    if spec.factor < 1 or spec.inner_loop < 1 or spec.net_images < 0 or spec.batch_syn_max < 1:
+        raise ValueError(f"idc: need factor >= 1, inner_loop >= 1, net_images >= 0, batch_syn_max >= 1; got "
+                         f"{spec.factor}, {spec.inner_loop}, {spec.net_images}, {spec.batch_syn_max}")
+    if spec.metric not in IDC_METRICS:
+        raise ValueError(f"idc.metric must be one of {IDC_METRICS}, got {spec.metric!r}")
+    if spec.init not in ("mix", "real"):
+        raise ValueError(f"idc.init must be 'mix' or 'real', got {spec.init!r}")
+
+
 class IDC(GradientMatching):
     """One IDC run's state; ``step(it)`` performs one iteration (a fresh network, ``idc.inner_loop`` steps).
 
     The matching term of a class is DC's (:meth:`GradientMatching._class_term`, IWD included); IDC changes
     what the network sees (the decoded images), the distance, the augmentation and the loop around it.
+    With ``frozen`` images (PDD) each class's matched set is the decode of its frozen and its own images, and
+    only its own move; ``condition(net, it)``, when set, trains each iteration's fresh network before it is used.
     """
 
     STREAMS = MethodStreams(Stream.IDC_SAMPLER, Stream.IDC_AUGMENT, Stream.IDC_NETWORKS)
-
-    @staticmethod
-    def check_config(cfg) -> None:
-        """The IDC options, refused in one line (``config.validate`` calls this before any work)."""
-        spec = cfg.idc
-        if spec.factor < 1 or spec.inner_loop < 1 or spec.net_images < 0 or spec.batch_syn_max < 1:
-            raise ValueError(f"idc: need factor >= 1, inner_loop >= 1, net_images >= 0, batch_syn_max >= 1; got "
-                             f"{spec.factor}, {spec.inner_loop}, {spec.net_images}, {spec.batch_syn_max}")
-        if spec.metric not in IDC_METRICS:
-            raise ValueError(f"idc.metric must be one of {IDC_METRICS}, got {spec.metric!r}")
-        if spec.init not in ("mix", "real"):
-            raise ValueError(f"idc.init must be 'mix' or 'real', got {spec.init!r}")
+    condition: Optional[Callable[[torch.nn.Module, int], None]] = None
+    check_config = staticmethod(check_idc_config)  # config.validate calls it before any work
 
     @classmethod
     def prepare(cls, ctx) -> Preparation:
         """Stage hook: checks the IDC options; for init "mix" draws factor**2 real images per stored image."""
         cfg, spec, pool = ctx.cfg, ctx.cfg.idc, ctx.pool
-        cls.check_config(cfg)
+        check_idc_config(cfg)
         if spec.init == "real" or spec.factor == 1:
             return Preparation(pool=pool, test=ctx.test)
         k = spec.factor ** 2
@@ -146,10 +160,17 @@ class IDC(GradientMatching):
         self.lo, self.hi = per_channel.min(1).values.view(shape), per_channel.max(1).values.view(shape)
         self.subsample = torch.Generator().manual_seed(mix_seed(cfg.seed, Stream.IDC_SUBSAMPLE))
 
+    def state_dict(self) -> Dict:
+        return {**super().state_dict(), "subsample": self.subsample.get_state()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        super().load_state_dict(state)
+        self.subsample.set_state(state["subsample"])
+
     # -------------------------------------------------------------------------------- multi-formation
     def _pick(self) -> Optional[torch.Tensor]:
         """Which decoded images of a class enter this step: None (all) or indices [batch_syn_max]."""
-        m = self.spec.factor ** 2 * self.cfg.ipc
+        m = self.spec.factor ** 2 * (self.cfg.ipc + (self.frozen.per_class if self.frozen is not None else 0))
         if m <= self.spec.batch_syn_max:
             return None
         return torch.randperm(m, generator=self.subsample)[:self.spec.batch_syn_max].to(self.device)
@@ -161,10 +182,7 @@ class IDC(GradientMatching):
 
     def evaluation_set(self):
         """The decoded set [factor**2 * C * ipc, C, H, W] (class-major) and its labels."""
-        with torch.no_grad():
-            parts = [decode_multi(self.syn.of_class(c).detach(), self.spec.factor) for c in range(self.pool.num_classes)]
-        labels = torch.arange(self.pool.num_classes, device=self.device).repeat_interleave(parts[0].shape[0])
-        return torch.cat(parts), labels
+        return decoded_set(self.syn.images, self.pool.num_classes, self.spec.factor)
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         images, labels = self.evaluation_set()
@@ -177,9 +195,13 @@ class IDC(GradientMatching):
     def _synthetic_of_class(self, c: int):
         """Stored images of class c [ipc, C, H, W], their decode (subsampled to batch_syn_max), labels c."""
         pick = self._pick()
-        n = self.spec.factor ** 2 * self.cfg.ipc if pick is None else pick.shape[0]
+        frozen = self.frozen.of_class(c) if self.frozen is not None else None
+        n = self.spec.factor ** 2 * (self.cfg.ipc + (0 if frozen is None else frozen.shape[0])) if pick is None \
+            else pick.shape[0]
         labels = torch.full((n,), c, dtype=torch.long, device=self.device)
-        return self.syn.of_class(c), lambda stored: self.decoded(stored, pick), labels
+        if frozen is None:
+            return self.syn.of_class(c), lambda stored: self.decoded(stored, pick), labels
+        return self.syn.of_class(c), lambda stored: self.decoded(torch.cat([frozen, stored]), pick), labels
 
     def _distance(self, gw_syn, gw_real) -> torch.Tensor:
         return idc_distance(gw_syn, gw_real, self.spec.metric, self.spec.match_bias, self.spec.match_fc)
@@ -188,6 +210,9 @@ class IDC(GradientMatching):
     def step(self, it: int) -> Dict[str, float]:
         cfg, pool = self.cfg, self.pool
         net = build_net(cfg.net, pool, mix_seed(cfg.seed, self.STREAMS.networks, it), self.device).train()
+        if self.condition is not None:
+            self.condition(net, it)
+            net.train()
         names = [n for n, _ in net.named_parameters()]
         params = [p for _, p in net.named_parameters()]
         opt_net = torch.optim.SGD(params, lr=self.spec.net_lr, momentum=self.spec.net_momentum,

@@ -3,7 +3,8 @@
 ``run_distillation`` (iwd_fast.app.distill_job) calls them when present:
 
 - ``USES_DSA`` (class attribute, bool): the method draws DSA transforms during distillation, so the run
-  resolves its DSA strategy (as for "dsa" and "dm").
+  resolves its DSA strategy (as for "dsa" and "dm"). A classmethod ``uses_dsa(cfg)`` decides per config
+  instead (PDD: as its base method).
 - ``prepare(ctx: RunContext) -> Preparation`` (classmethod): runs ONCE, after the pool and the weighting
   state exist and before the synthetic set is initialised (also on resume: its stages must be cached).
   Trajectory matching trains or loads its expert buffers here (and the two-pass IWD scoring). It may
@@ -12,8 +13,12 @@
 - ``evaluation_set() -> (images [M, C, H, W], targets)``: what evaluation trains on (default: the
   synthetic images and their hard labels). IDC returns its decoded images, DATM its soft labels
   (probabilities [M, num_classes]).
+- ``evaluation_stages() -> int64 [M]``: the stage of each image of the evaluation set (PDD); the evaluation
+  networks then train on the union of stages 0..k for each k in turn, and the accuracy holds each stage's
+  cumulative accuracy ("stages").
 - ``extra_evaluations() -> {name: EvalSpec}``: further evaluations reported beside the default one
-  (e.g. MTT's evaluation with the learned synthetic learning rate).
+  (e.g. MTT's evaluation with the learned synthetic learning rate; with stages, a list of one EvalSpec per
+  stage).
 - ``summary() -> dict``: method facts for the run summary (learned lr, expert buffers, scoring cost).
 - ``tensors() -> {name: tensor}``: extra tensors saved beside the synthetic images in
   synthetic.safetensors. Reserved names: "eval_images" / "eval_targets" (what evaluation trains on,

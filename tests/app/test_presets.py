@@ -25,7 +25,7 @@ def test_paper_gradient_matching_matches_science(method, ipc, loops):
     assert (cfg.outer_loop, cfg.inner_loop) == loops
     assert (cfg.lr_img, cfg.lr_net, cfg.batch_real, cfg.iterations) == (0.1, 0.01, 256, 1000)
     assert (cfg.net.name, cfg.net.depth, cfg.net.width, cfg.net.norm) == ("convnet", 3, 128, "instancenorm")
-    assert cfg.eval.num_nets == 5 and cfg.eval.batch_size == 256
+    assert cfg.eval.num_nets == 20 and cfg.eval.batch_size == 256  # main.py num_eval: 20 networks
     assert (cfg.eval.lr, cfg.eval.momentum, cfg.eval.weight_decay) == (0.01, 0.9, 5e-4)
     # 1000 epochs with DSA augmentation, 300 without
     assert (cfg.eval.dsa, cfg.eval.epochs) == ((True, 1000) if method == "dsa" else (False, 300))

@@ -9,7 +9,7 @@ expert e of a weighted buffer and expert e of the unweighted buffer are paired.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -23,15 +23,26 @@ from ...weighting.dropin import weighted_cross_entropy
 from .buffer import ExpertBuffer, tensor_sha256
 from .student import FlatNet
 
-__all__ = ["expert_description", "train_expert", "ensure_experts"]
+__all__ = ["ExpertStart", "expert_description", "train_expert", "ensure_experts"]
+
+
+@dataclass
+class ExpertStart:
+    """Where the experts start instead of their fresh initialisation (PDD: a network trained on the earlier
+    stages' images). ``apply(net, index)`` trains expert ``index``'s fresh network in place before its epoch 0
+    is stored; ``description`` (JSON) enters the buffer key, so such experts never share a folder with others."""
+
+    description: Dict[str, Any]
+    apply: Callable[[torch.nn.Module, int], None]
 
 
 def expert_description(images: torch.Tensor, labels: torch.Tensor, num_classes: int, flipped: torch.Tensor,
                        weights: Optional[torch.Tensor], spec, net: NetSpec, dsa_strategy: Optional[str],
-                       layout) -> Dict[str, Any]:
+                       layout, start: Optional[ExpertStart] = None) -> Dict[str, Any]:
     """What an expert buffer's key hashes: the pool (images [n, C, H, W] after any ZCA, labels [n] with
-    their noise, flipped [n]), the weights [n] ("uniform" for None), the expert recipe and the layout."""
-    return {
+    their noise, flipped [n]), the weights [n] ("uniform" for None), the expert recipe, the layout and, for
+    experts that do not start fresh, their start's description."""
+    described = {
         "dataset": {"images_sha256": tensor_sha256(images.float()), "labels_sha256": tensor_sha256(labels.long()),
                     "flipped_sha256": tensor_sha256(flipped.bool()), "shape": list(images.shape),
                     "num_classes": int(num_classes)},
@@ -42,6 +53,9 @@ def expert_description(images: torch.Tensor, labels: torch.Tensor, num_classes: 
                    "zca": {"eps": spec.zca_eps} if spec.zca else None},
         "layout": [[name, list(shape)] for name, shape in layout],
     }
+    if start is not None:
+        described["start"] = start.description
+    return described
 
 
 def _optimizer_state(opt: torch.optim.SGD, params) -> Dict[str, torch.Tensor]:
@@ -55,12 +69,14 @@ def _optimizer_state(opt: torch.optim.SGD, params) -> Dict[str, torch.Tensor]:
 
 def train_expert(buffer: ExpertBuffer, index: int, make_net: Callable[[int], torch.nn.Module], images: torch.Tensor,
                  labels: torch.Tensor, weights: Optional[torch.Tensor], spec, dsa_strategy: Optional[str],
-                 progress: bool = False, after_epoch: Optional[Callable[[int], None]] = None) -> float:
+                 progress: bool = False, after_epoch: Optional[Callable[[int], None]] = None,
+                 start: Optional[ExpertStart] = None) -> float:
     """Train expert ``index`` (or finish it from its last saved epoch) and store it; returns seconds spent.
 
     images [n, C, H, W] and labels int64 [n] on the training device; weights float [n] or None.
-    ``make_net(seed)`` builds the network on that device. ``after_epoch(epoch)`` runs after each saved
-    epoch (tests use it to interrupt).
+    ``make_net(seed)`` builds the network on that device; ``start.apply`` (if given) moves it to where the
+    expert starts before epoch 0 is stored. ``after_epoch(epoch)`` runs after each saved epoch (tests use it
+    to interrupt).
     """
     started = time.perf_counter()
     net = make_net(mix_seed(spec.expert_seed, Stream.EXPERT_NETWORK, index)).train()
@@ -74,6 +90,8 @@ def train_expert(buffer: ExpertBuffer, index: int, make_net: Callable[[int], tor
     resume = buffer.resume_point(index)
     if resume is None:
         first = 1
+        if start is not None:
+            start.apply(net, index)
         buffer.save_epoch(index, 0, flat.flatten(), {"shuffle": shuffle_gen.get_state(), "augment": aug_gen.get_state()})
     else:
         first = resume["epoch"] + 1
@@ -112,8 +130,9 @@ def train_expert(buffer: ExpertBuffer, index: int, make_net: Callable[[int], tor
 def ensure_experts(buffer: ExpertBuffer, count: int, net_spec: NetSpec, channels: int, num_classes: int, im_size,
                    images: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], spec,
                    dsa_strategy: Optional[str], device, test=None, progress: bool = True,
-                   label: str = "experts") -> Dict[str, Any]:
-    """Make experts 0..count-1 exist in ``buffer`` (training the missing ones, finishing partial ones).
+                   label: str = "experts", start: Optional[ExpertStart] = None) -> Dict[str, Any]:
+    """Make experts 0..count-1 exist in ``buffer`` (training the missing ones, finishing partial ones; each
+    from ``start`` when given, see :func:`train_expert`).
 
     ``test``: an ImageSet (or (images, labels)) to record each new expert's final test accuracy in
     experts.json. Returns {"trained": [indices], "seconds": training seconds this call, "available": n,
@@ -130,7 +149,8 @@ def ensure_experts(buffer: ExpertBuffer, count: int, net_spec: NetSpec, channels
     todo = [e for e in range(count) if e not in done]
     seconds = 0.0
     for e in tqdm(todo, desc=label, disable=not progress or not todo):
-        spent = train_expert(buffer, e, make_net, images, labels, weights, spec, dsa_strategy, progress=progress)
+        spent = train_expert(buffer, e, make_net, images, labels, weights, spec, dsa_strategy, progress=progress,
+                             start=start)
         seconds += spent
         entry: Dict[str, Any] = {"seconds": spent}
         if test is not None:

@@ -67,9 +67,17 @@ class TrajectoryMatching(Distiller):
             self.order = [self.experts[i] for i in torch.randperm(len(self.experts), generator=self.schedule).tolist()]
         return self.order.pop()
 
-    def _batches(self) -> List[torch.Tensor]:
-        m = self.syn.images.shape[0]
-        bs = self.tm.batch_syn or m
+    def student_set(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """What the student unrolls on: the frozen images of earlier stages (PDD), then the synthetic images;
+        and their targets (hard labels for the frozen ones)."""
+        if self.frozen is None:
+            return self.syn.images, self.targets()
+        return torch.cat([self.frozen.images, self.syn.images]), torch.cat([self.frozen.labels, self.targets()])
+
+    def _batches(self, m: int) -> List[torch.Tensor]:
+        """``syn_steps`` index batches into the student's set of ``m`` images; a batch holds ``tm.batch_syn``
+        images, by default as many as the synthetic set (under PDD: one stage's images, the reference's)."""
+        bs = self.tm.batch_syn or self.syn.images.shape[0]
         out: List[torch.Tensor] = []
         while len(out) < self.tm.syn_steps:
             out.extend(torch.randperm(m, generator=self.schedule).split(bs))
@@ -88,8 +96,9 @@ class TrajectoryMatching(Distiller):
         t = int(torch.randint(low, high, (), generator=self.schedule))
         start = self.buffer.snapshot(e, t).to(self.device)
         target = self.buffer.snapshot(e, t + self.tm.expert_epochs).to(self.device)
-        batches = self._batches()
-        theta = unroll(self.student, start, self.syn.images, self.targets(), self.syn_lr, batches, self._augmenter())
+        images, targets = self.student_set()
+        batches = self._batches(images.shape[0])
+        theta = unroll(self.student, start, images, targets, self.syn_lr, batches, self._augmenter())
         return matching_loss(theta, start, target), {"expert": float(e), "start_epoch": float(t)}
 
     def step(self, it: int) -> Dict[str, float]:

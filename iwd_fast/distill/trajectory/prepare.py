@@ -27,10 +27,10 @@ from ..pool import SELECT_MODE
 from ..stages import Preparation, RunContext
 from .buffer import ExpertBuffer, buffer_key, tensor_sha256
 from .checkpoint_scores import SCORE_TARGETS, checkpoint_scores
-from .experts import ensure_experts, expert_description
+from .experts import ExpertStart, ensure_experts, expert_description
 from .student import FlatNet
 
-__all__ = ["prepare_trajectory", "check_trajectory_config", "score_epochs"]
+__all__ = ["prepare_trajectory", "expert_stage", "check_trajectory_config", "score_epochs"]
 
 
 def score_epochs(tm) -> list:
@@ -101,21 +101,30 @@ def _zca(ctx: RunContext, pool, test):
 
 
 def prepare_trajectory(ctx: RunContext) -> Preparation:
-    """The ``prepare`` stage of MTT and DATM (see the module docstring); returns the Preparation whose
-    ``state`` holds "buffer" (the ExpertBuffer distillation matches) and "student" (a FlatNet)."""
-    cfg, tm = ctx.cfg, ctx.cfg.tm
-    check_trajectory_config(cfg)
+    """The ``prepare`` stage of MTT and DATM (see the module docstring): ZCA when ``tm.zca``, then
+    :func:`expert_stage`."""
+    check_trajectory_config(ctx.cfg)
     pool, test, zca = ctx.pool, ctx.test, None
-    if tm.zca:
+    if ctx.cfg.tm.zca:
         pool, test, zca = _zca(ctx, pool, test)
+    return expert_stage(ctx, pool, test, zca)
+
+
+def expert_stage(ctx: RunContext, pool, test, zca=None, start: Optional[ExpertStart] = None) -> Preparation:
+    """The experts of one distillation (and, for ``weighting="iwd"``, the two-pass scheme) on ``pool`` (already
+    whitened when ``zca`` is given). ``start``: where the experts start (PDD's later stages), else fresh.
+    Returns the Preparation whose ``state`` holds "buffer" (the ExpertBuffer distillation matches), "student"
+    (a FlatNet), "weights" and "zca"."""
+    cfg, tm = ctx.cfg, ctx.cfg.tm
     student = FlatNet(build_net(cfg.net, pool, 0, ctx.device))
     common = dict(net_spec=cfg.net, channels=pool.channels, num_classes=pool.num_classes, im_size=pool.im_size,
                   images=pool.images, labels=pool.labels, spec=tm, dsa_strategy=ctx.dsa_strategy, device=ctx.device,
-                  test=test, progress=ctx.progress)
+                  test=test, progress=ctx.progress, start=start)
 
     def buffer_for(weights: Optional[torch.Tensor]) -> ExpertBuffer:
         return ExpertBuffer(tm.buffer_dir, expert_description(pool.images, pool.labels, pool.num_classes, pool.flipped,
-                                                              weights, tm, cfg.net, ctx.dsa_strategy, student.layout))
+                                                              weights, tm, cfg.net, ctx.dsa_strategy, student.layout,
+                                                              start))
 
     summary: Dict[str, Any] = {}
     weights = None
