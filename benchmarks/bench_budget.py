@@ -4,6 +4,8 @@ evaluated in the same run with the same evaluation networks.
     python benchmarks/bench_budget.py dc fashion-mnist --tag dc_i100 --set iterations=100
     python benchmarks/bench_budget.py dm digits --tag dm_e1000 --set iterations=1000 eval.epochs=1000
     python benchmarks/bench_budget.py --table            # the markdown table of every stored scan
+    python benchmarks/bench_budget.py pdd --table        # ... of one method's scans
+    python benchmarks/bench_budget.py pdd fashion-mnist --base idc --tag pdd_idc   # PDD on its base method
 
 Each call appends one JSON line to benchmarks/results/budget_scans.jsonl: the preset, the overrides, the
 accuracy of the initial images and of the distilled set (mean over the evaluation networks), the gain,
@@ -78,8 +80,8 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="print the table of the stored scans and exit")
     args = p.parse_args()
     path = results_path(RESULTS)
-    if args.table:
-        print(table(read_jsonl(path)))
+    if args.table:  # every stored scan, or those of one method
+        print(table([r for r in read_jsonl(path) if args.method in (None, r["method"])]))
         return
     if not args.method or not args.tag:
         p.error("a method and --tag are required (or --table)")

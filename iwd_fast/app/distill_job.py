@@ -129,7 +129,8 @@ def run_distillation(cfg: DistillConfig, splits: Optional[DatasetSplits] = None,
         history.append(record)
         if run is not None:
             run.log(record)
-            if ((it + 1) % checkpoint_every == 0 or it + 1 == stop) and it + 1 < cfg.iterations:
+            boundary = hasattr(method, "wants_checkpoint") and method.wants_checkpoint(it + 1)  # PDD: a stage ends
+            if ((it + 1) % checkpoint_every == 0 or it + 1 == stop or boundary) and it + 1 < cfg.iterations:
                 run.checkpoint({"config": cfg.to_dict(), "iteration": it + 1, "syn": syn.state_dict(),
                                 "method": method.state_dict(), "history": history, "timing": dict(timer.seconds),
                                 "timing_calls": dict(timer.calls),

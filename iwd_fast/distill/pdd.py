@@ -222,6 +222,10 @@ class PDD:
         return {**metrics, "stage": float(k)}
 
     # ------------------------------------------------------------------------------------ stage hooks
+    def wants_checkpoint(self, iteration: int) -> bool:
+        """A checkpoint at the end of every stage: a killed run resumes at its stage."""
+        return self.stage_iterations > 0 and iteration % self.stage_iterations == 0
+
     def evaluation_set(self):
         """What evaluation trains on: the union, stored (MTT) or decoded (IDC), class-major."""
         return self._trained_on(self.syn.images.detach(), self.syn.labels)

@@ -22,7 +22,7 @@ from .trajectory.student import FlatNet
 __all__ = ["images_needed", "check_pool", "check_networks"]
 
 TRAJECTORY_METHODS = ("mtt", "datm")
-_HOOK_SCORED_METHODS = ("dc", "dsa", "idc", "dm")  # methods whose in-loop scores come from a captured backward
+_HOOK_SCORED_METHODS = ("dc", "dsa", "idc")  # in-loop scores from a captured backward (DM: validation, self only)
 
 
 def images_needed(cfg) -> int:
@@ -81,7 +81,8 @@ def _check_one(cfg, spec: NetSpec, role: str, channels: int, num_classes: int, i
     if cfg.method in TRAJECTORY_METHODS:
         _check_functional(net, x, num_classes, who, cfg.method)
     in_loop = cfg.weighting == "iwd" or (cfg.weighting == "auto" and cfg.iwd.auto_refresh)
-    if in_loop and cfg.method in _HOOK_SCORED_METHODS:
+    hooked = cfg.method in _HOOK_SCORED_METHODS or (cfg.method == "dm" and cfg.iwd.influence in ("validation", "self"))
+    if in_loop and hooked:
         problem = hook_path_problem(net, params)
         if problem is not None:
             kinds = ", ".join(sorted({t.__name__ for t in SUPPORTED_TYPES}))

@@ -19,6 +19,8 @@
 - ``extra_evaluations() -> {name: EvalSpec}``: further evaluations reported beside the default one
   (e.g. MTT's evaluation with the learned synthetic learning rate; with stages, a list of one EvalSpec per
   stage).
+- ``wants_checkpoint(iteration) -> bool``: a checkpoint after that many iterations besides the periodic ones
+  (PDD: at the end of every stage, so that a killed run resumes at its stage).
 - ``summary() -> dict``: method facts for the run summary (learned lr, expert buffers, scoring cost).
 - ``tensors() -> {name: tensor}``: extra tensors saved beside the synthetic images in
   synthetic.safetensors. Reserved names: "eval_images" / "eval_targets" (what evaluation trains on,

@@ -202,6 +202,19 @@ def test_resume_at_a_stage_boundary_and_inside_a_stage(tmp_path, tiny_splits, ba
         [f.get("learned_syn_lr") for f in resumed["method"]["pdd"]["stage_facts"]]
 
 
+def test_every_stage_ends_with_a_checkpoint(tmp_path, tiny_splits, monkeypatch):
+    from iwd_fast.app.run_folder import RunFolder
+
+    written = []
+    write = RunFolder.checkpoint
+    monkeypatch.setattr(RunFolder, "checkpoint", lambda self, state: written.append(state["iteration"]) or
+                        write(self, state))
+    cfg = pdd_config("idc", tmp_path, stages=3, ipc=3, iterations=6)
+    run_distillation(cfg, tiny_splits, out_dir=str(tmp_path / "run"), progress=False, evaluate=False,
+                     checkpoint_every=10 ** 6)
+    assert written == [2, 4]  # the ends of stages 1 and 2 (the run's end writes the summary instead)
+
+
 KILLED_RUN = """
 import sys, time, torch
 sys.path[:0] = [{root!r}, {tests!r}, {here!r}]
@@ -324,8 +337,13 @@ def shared_cwd(tmp_path_factory):
     return tmp_path_factory.mktemp("pdd_cli")
 
 
-@pytest.mark.parametrize("base", ["mtt", "idc"])
-@pytest.mark.parametrize("weighting", ["none", "iwd", "auto"])
+SLOW = pytest.mark.slow  # MTT's smoke experts train with DSA (about 15 s each on 2 cores); "auto" cross-fits first
+
+
+@pytest.mark.parametrize("base,weighting", [("idc", "none"), ("idc", "iwd"), pytest.param("idc", "auto", marks=SLOW),
+                                            pytest.param("mtt", "none", marks=SLOW),
+                                            pytest.param("mtt", "iwd", marks=SLOW),
+                                            pytest.param("mtt", "auto", marks=SLOW)])
 def test_cli_runs_pdd_on_each_base_with_and_without_iwd(shared_cwd, monkeypatch, capsys, base, weighting):
     import json
 

@@ -139,10 +139,9 @@ def test_two_processes_on_one_folder(tmp_path, command):
     first = start(argv, cwd)
     wait_for(lambda: claimed(cwd / "run") or first.poll() is not None)
     second = start(argv, cwd)
-    second.wait(timeout=faults.TIMEOUT)
-    first.wait(timeout=faults.TIMEOUT)
-    err = second.stderr.read()
-    assert first.returncode == 0, first.stderr.read()[-3000:]
+    err = second.communicate(timeout=faults.TIMEOUT)[1]
+    first_err = first.communicate(timeout=faults.TIMEOUT)[1]
+    assert first.returncode == 0, first_err[-3000:]
     if second.returncode == 2:
         line = err.strip()
         assert "\n" not in line and f"is in use by pid {first.pid} on host " in line, line
