@@ -11,8 +11,8 @@ import inspect as _inspect
 from .scoring import IMPLS, Capture, ImplUnavailableError, UnsupportedLayerError, capture, grad_dot, grad_norm_sq
 from .scoring.dataset import ScoreResult
 from .scoring.dataset import score_dataset as _score_dataset
-from .weighting import (IndexedClassSampler, InfluenceWeighter, select_initial, sign_for, weighted_class_mean,
-                        weighted_cross_entropy)
+from .weighting import (IndexedClassSampler, InfluenceWeighter, select_initial, sign_for, trusted_weights,
+                        weighted_class_mean, weighted_cross_entropy)
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "sign_for",
     "IndexedClassSampler",
     "select_initial",
+    "trusted_weights",
     "weighted_cross_entropy",
     "weighted_class_mean",
     "__version__",

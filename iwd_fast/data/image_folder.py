@@ -36,6 +36,8 @@ class ImageFolder(Dataset):
 
     def __init__(self, root, size: Optional[Tuple[int, int]] = None, channels: Optional[int] = None,
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+        from PIL import Image
+
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolder: {self.root} is not a folder")

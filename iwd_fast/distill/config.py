@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 from ..data.user_data import UserDataSpec
 from ..evaluate import EvalSpec
 from ..networks import NetSpec
+from ..weighting.trust import CROSSFIT_DEFAULTS
 from ..weighting.weighter import WEIGHTER_DEFAULTS
 
 __all__ = ["NetSpec", "EvalSpec", "IWDSpec", "TrajectorySpec", "IDCSpec", "PDDSpec", "DistillConfig"]
@@ -48,9 +49,10 @@ class IWDSpec:
     warmup_steps: int = 50          # SGD steps of the warm-up network on the pool
     warmup_influence: str = "self"  # warm-up score (initial images, static weights, pruning): self | validation |
                                     # crossfit (out-of-sample margin; always the score of weighting "auto")
-    crossfit_folds: int = 2         # cross-fitted warm-up: folds (each predicted by a network trained on the others)
-    crossfit_steps: int = 600       # ... SGD steps of each fold's network (batch 256, lr crossfit_lr, momentum 0.9)
-    crossfit_lr: float = 0.01
+    crossfit_folds: int = CROSSFIT_DEFAULTS["folds"]  # cross-fitted warm-up: folds (each predicted by a network
+                                                      # trained on the others)
+    crossfit_steps: int = CROSSFIT_DEFAULTS["steps"]  # ... SGD steps of each fold's network (batch 256, momentum 0.9)
+    crossfit_lr: float = CROSSFIT_DEFAULTS["lr"]
     auto_refresh: bool = False      # weighting "auto": also rescore in the loop (target ``influence``) on top
     init: str = "auto"              # auto | random | trusted | weighted | proportional
     pool_cleaning: str = "none"     # none | prune | relabel (the baselines users try instead of weighting)

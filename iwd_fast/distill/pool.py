@@ -12,7 +12,7 @@ import torch
 
 from ..data import DatasetSplits, add_label_noise, stratified_split
 from ..runtime import Stream, mix_seed
-from ..scoring.checks import check_finite, format_indices
+from ..scoring.checks import check_finite
 from ..weighting import select_initial
 from .base import RealPool
 from .config import init_mode
@@ -27,7 +27,7 @@ SELECT_MODE = {"random": "random", "trusted": "trusted", "weighted": "top", "pro
 def prepare_pool(cfg, splits: DatasetSplits, device) -> RealPool:
     """Noisy labels (seeded, flips recorded) and the stratified held-out split of ``splits.train``.
 
-    Non-finite pixels, and classes with fewer than ``ipc`` images, are refused here, by index, before any work.
+    Non-finite pixels are refused here, by index, before any work (too small classes: ``preflight.check_pool``).
     """
     train = splits.train
     check_finite(train.images, f"{train.name} training images")
@@ -40,10 +40,6 @@ def prepare_pool(cfg, splits: DatasetSplits, device) -> RealPool:
         keep, held = stratified_split(labels, cfg.iwd.heldout_fraction, seed=mix_seed(cfg.seed, Stream.HELDOUT_SPLIT))
     else:
         keep, held = torch.arange(len(train)), torch.zeros(0, dtype=torch.long)
-    short = torch.nonzero(torch.bincount(labels[keep], minlength=train.num_classes) < cfg.ipc).flatten()
-    if short.numel():  # no initial selection could fill them; refused before the run folder is written
-        raise ValueError(f"classes {format_indices(short)} of {train.name} have fewer than ipc={cfg.ipc} training "
-                         "images (after the held-out split)")
     held_labels = train.labels[held] if cfg.iwd.heldout_clean else labels[held]
     return RealPool(images=train.images[keep].to(device), labels=labels[keep].to(device), flipped=flipped[keep],
                     num_classes=train.num_classes, heldout_images=train.images[held].to(device),

@@ -6,12 +6,12 @@ from .dropin import (IndexedClassSampler, IndexedDataset, normalize_weights, sel
                      weighted_cross_entropy)
 from .targets import TARGETS
 from .metrics import auroc, weight_mass_on
-from .trust import NoiseEstimate, crossfit_probabilities, estimate_noise, trust_weights
+from .trust import CROSSFIT_DEFAULTS, NoiseEstimate, crossfit_probabilities, estimate_noise, trust_weights, trusted_weights
 from .transforms import SIGN_POLICIES, TRANSFORMS, sign_for
 from .weighter import WEIGHTER_DEFAULTS, InfluenceWeighter
 from .weighter_file import labels_fingerprint
 
 __all__ = ["InfluenceWeighter", "SIGN_POLICIES", "TRANSFORMS", "WEIGHTER_DEFAULTS", "NoiseEstimate",
-           "crossfit_probabilities", "estimate_noise", "trust_weights", "sign_for", "labels_fingerprint", "auroc", "weight_mass_on",
+           "crossfit_probabilities", "estimate_noise", "trust_weights", "trusted_weights", "CROSSFIT_DEFAULTS", "sign_for", "labels_fingerprint", "auroc", "weight_mass_on",
            "IndexedClassSampler", "IndexedDataset", "normalize_weights", "select_initial", "weighted_class_mean",
            "weighted_cross_entropy", "TARGETS"]

@@ -152,7 +152,7 @@ def test_bad_input_is_one_line_naming_the_culprit_before_decoding(tmp_path, monk
     (tmp_path / "junk.pt").write_bytes(b"\x00junk")
     with pytest.raises(ValueError) as err:
         open_user_data(str(tmp_path / "junk.pt"))
-    assert "junk.pt cannot be read" in one_line(err)
+    assert "junk.pt: cannot read it" in one_line(err)
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         open_user_data(str(tmp_path / "missing"))
     # nothing was decoded for any of these: opening reads headers only

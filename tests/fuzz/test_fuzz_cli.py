@@ -34,7 +34,7 @@ DISTILL_BAD = {
     "--eval-every": (st.integers(-9, -1), "eval_every must be >= 0"),
     "--device": (st.sampled_from(["cuda:7", "gpu", "cpu:x"] if not torch.cuda.is_available() else ["gpu", "cuda:99"]),
                  "device"),
-    "--ipc-too-many": (st.integers(200, 10 ** 6), "have fewer than ipc="),
+    "--ipc-too-many": (st.integers(200, 10 ** 6), "every class needs at least"),
 }
 
 

@@ -79,7 +79,7 @@ def test_bench_spec_values_of_the_wrong_type_are_named(tmp_path, line, key):
 def test_bench_spec_with_an_unknown_dataset_is_refused_before_any_cell_runs(tmp_path):
     spec = tmp_path / "spec.toml"
     spec.write_text('name = "x"\npreset = "smoke"\ndatasets = ["imagenet"]\n[variants.u]\nweighting = "none"\n')
-    one_line_refusal(["bench", str(spec), "--out", str(tmp_path / "o")], "unknown dataset 'imagenet'")
+    one_line_refusal(["bench", str(spec), "--out", str(tmp_path / "o")], "imagenet' is neither a built-in name")
     assert not (tmp_path / "o").exists()
 
 
@@ -105,7 +105,7 @@ def test_distill_refuses_a_device_it_cannot_use_in_one_line(tmp_path, device, na
 
 
 @pytest.mark.parametrize("argv, named", [(["--eval-every=-2"], "eval_every must be >= 0"),
-                                         (["--ipc", "1000"], "have fewer than ipc=1000 training images")])
+                                         (["--ipc", "1000"], "every class needs at least 1000 (ipc=1000)")])
 def test_distill_refuses_before_its_folder_is_written(tmp_path, argv, named):
     one_line_refusal(["distill", "--preset", "smoke", "--quiet", "--out", str(tmp_path / "o"), *argv], named)
     assert not (tmp_path / "o").exists()

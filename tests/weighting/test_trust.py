@@ -134,3 +134,30 @@ def test_trusted_initialisation():
     assert not set(got[3:].tolist()) & {6}
     got = select_initial(labels, w, 2, 5, "trusted", seed=7)  # fewer trusted than ipc: the rest fill in
     assert set(got[:3].tolist()) == {3, 4, 5} and set(got[3:5].tolist()) <= {0, 1, 2}
+
+
+def test_trusted_weights_is_what_the_built_in_auto_holds(tiny_splits):
+    """The one-call API gives the built-in warm-up's trust weights bit for bit, with the built-in's defaults."""
+    import dataclasses
+
+    from iwd_fast import trusted_weights
+    from iwd_fast.app.presets import preset_config
+    from iwd_fast.distill.config import IWDSpec
+    from iwd_fast.distill.base import build_net
+    from iwd_fast.distill.pool import prepare_pool
+    from iwd_fast.distill.warmup import crossfit_estimate
+    from iwd_fast.runtime import Stream, mix_seed
+    from iwd_fast.weighting import CROSSFIT_DEFAULTS
+
+    assert (IWDSpec().crossfit_folds, IWDSpec().crossfit_steps, IWDSpec().crossfit_lr) == \
+        (CROSSFIT_DEFAULTS["folds"], CROSSFIT_DEFAULTS["steps"], CROSSFIT_DEFAULTS["lr"])
+    cfg = preset_config("smoke", "dc", "digits", 2)
+    cfg = cfg.replace(weighting="auto", noise=0.3, iwd=dataclasses.replace(cfg.iwd, crossfit_steps=20))
+    pool = prepare_pool(cfg, tiny_splits, "cpu")
+    built_in = crossfit_estimate(cfg, pool, "cpu")
+    base = mix_seed(cfg.seed, Stream.WARMUP_NETWORK)
+    weights, noise = trusted_weights(lambda s: build_net(cfg.net, pool, mix_seed(base, s), "cpu"), pool.images,
+                                     pool.labels, pool.num_classes, seed=mix_seed(cfg.seed, Stream.WARMUP_TRAINING),
+                                     steps=20)
+    assert torch.equal(noise.suspect, built_in.suspect) and bool(noise.suspect.any())
+    assert torch.equal(weights, trust_weights(built_in.suspect, pool.labels, pool.num_classes))
