@@ -50,7 +50,7 @@ def measure(seed: int, rate: float, kind: str, steps: List[int], env: Dict[str, 
         pool = prepare_pool(cfg, load_splits(cfg), torch.device("cpu"))
         flipped = pool.flipped.cpu()
         started = time.perf_counter()
-        est = crossfit_estimate(cfg, pool, torch.device("cpu"))
+        _, est = crossfit_estimate(cfg, pool, torch.device("cpu"))
         sec = time.perf_counter() - started
         hits = int((est.suspect & flipped).sum())
         rows.append({"detector": f"crossfit@{s}", "seed": seed, "noise": rate, "noise_kind": kind,

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from ..evaluate import EvalSpec, train_network
 from ..runtime import PhaseTimer, Stream, mix_seed
-from ..weighting import (InfluenceWeighter, NoiseEstimate, auroc, crossfit_probabilities, estimate_noise, sign_for,
-                         trust_weights)
+from ..weighting import InfluenceWeighter, NoiseEstimate, auroc, sign_for, trusted_weights
 from ..weighting.targets import instance_scores, validation_directions
 from .base import RealPool, build_net
 from .config import warmup_target
@@ -44,16 +43,14 @@ class Warmup:
     noise: Optional[NoiseEstimate] = None
 
 
-def crossfit_estimate(cfg, pool: RealPool, device) -> NoiseEstimate:
-    """Confident learning on out-of-sample probabilities of the pool (``iwd.crossfit_*``; networks of the
-    run's architecture, seeded from the run seed)."""
+def crossfit_estimate(cfg, pool: RealPool, device) -> Tuple[torch.Tensor, NoiseEstimate]:
+    """The trust weights float32 [n] and the noise estimate of the pool: ``trusted_weights`` with the run's
+    ``iwd.crossfit_*``, networks of the run's architecture seeded from the run seed."""
     spec = cfg.iwd
     base_seed = mix_seed(cfg.seed, Stream.WARMUP_NETWORK)
-    probs = crossfit_probabilities(lambda s: build_net(cfg.net, pool, mix_seed(base_seed, s), device), pool.images,
-                                   pool.labels, pool.num_classes, folds=spec.crossfit_folds,
-                                   steps=spec.crossfit_steps, lr=spec.crossfit_lr,
-                                   seed=mix_seed(cfg.seed, Stream.WARMUP_TRAINING))
-    return estimate_noise(probs, pool.labels.cpu(), pool.num_classes)
+    return trusted_weights(lambda s: build_net(cfg.net, pool, mix_seed(base_seed, s), device), pool.images,
+                           pool.labels, pool.num_classes, seed=mix_seed(cfg.seed, Stream.WARMUP_TRAINING),
+                           folds=spec.crossfit_folds, steps=spec.crossfit_steps, lr=spec.crossfit_lr)
 
 
 def _single_network_scores(cfg, pool: RealPool, device, target: str) -> torch.Tensor:
@@ -75,13 +72,13 @@ def warmup_weights(cfg, pool: RealPool, device, timer: PhaseTimer) -> Warmup:
     noise = None
     with timer.phase("warm-up scoring"):
         if target == "crossfit":
-            noise = crossfit_estimate(cfg, pool, device)
+            trusted, noise = crossfit_estimate(cfg, pool, device)
             raw = noise.margin
         else:
             raw = _single_network_scores(cfg, pool, device, target)
     if noise is not None:
         weighter = InfluenceWeighter(labels, pool.num_classes, ema=0.0, sign=sign_for(target),
-                                     prior=trust_weights(noise.suspect, labels, pool.num_classes))
+                                     prior=trusted)
     else:
         weighter = InfluenceWeighter(labels, pool.num_classes, temperature=cfg.iwd.temperature, ema=0.0,
                                      floor=cfg.iwd.floor, sign=sign_for(target), transform=cfg.iwd.transform,

@@ -6,7 +6,8 @@ from .dropin import (IndexedClassSampler, IndexedDataset, normalize_weights, sel
                      weighted_cross_entropy)
 from .targets import TARGETS
 from .metrics import auroc, weight_mass_on
-from .trust import CROSSFIT_DEFAULTS, NoiseEstimate, crossfit_probabilities, estimate_noise, trust_weights, trusted_weights
+from .trust import (CROSSFIT_DEFAULTS, NoiseEstimate, crossfit_probabilities, estimate_noise, trust_weights,
+                    trusted_weights)
 from .transforms import SIGN_POLICIES, TRANSFORMS, sign_for
 from .weighter import WEIGHTER_DEFAULTS, InfluenceWeighter
 from .weighter_file import labels_fingerprint

@@ -116,8 +116,8 @@ def _predict(net: nn.Module, images: torch.Tensor, chunk: int) -> torch.Tensor:
 def crossfit_probabilities(make_net: Callable[[int], nn.Module], images: torch.Tensor, labels: torch.Tensor,
                            num_classes: int, *, folds: int = CROSSFIT_DEFAULTS["folds"],
                            steps: int = CROSSFIT_DEFAULTS["steps"], batch_size: int = 256,
-                           lr: float = CROSSFIT_DEFAULTS["lr"], momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0,
-                           chunk: int = 1024) -> torch.Tensor:
+                           lr: float = CROSSFIT_DEFAULTS["lr"], momentum: float = 0.9, weight_decay: float = 5e-4,
+                           seed: int = 0, chunk: int = 1024) -> torch.Tensor:
     """Out-of-sample class probabilities, float64 [n, C] on the CPU.
 
     Args:
@@ -218,7 +218,6 @@ def trust_weights(suspect: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return torch.where(suspect, torch.zeros(()), per_class[labels]).to(torch.float32)
 
 
-
 def trusted_weights(make_net: Callable[[int], nn.Module], images: torch.Tensor, labels: torch.Tensor,
                     num_classes: int, *, seed: int = 0, folds: int = CROSSFIT_DEFAULTS["folds"],
                     steps: int = CROSSFIT_DEFAULTS["steps"],
@@ -235,5 +234,6 @@ def trusted_weights(make_net: Callable[[int], nn.Module], images: torch.Tensor, 
         exactly 1 in a class without suspects, the estimate: suspects, per-class rates, margins).
     """
     probs = crossfit_probabilities(make_net, images, labels, num_classes, folds=folds, steps=steps, lr=lr, seed=seed)
-    noise = estimate_noise(probs, torch.as_tensor(labels).cpu(), num_classes)
-    return trust_weights(noise.suspect, torch.as_tensor(labels).cpu(), num_classes), noise
+    labels = torch.as_tensor(labels).cpu()
+    noise = estimate_noise(probs, labels, num_classes)
+    return trust_weights(noise.suspect, labels, num_classes), noise

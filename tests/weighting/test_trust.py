@@ -154,10 +154,11 @@ def test_trusted_weights_is_what_the_built_in_auto_holds(tiny_splits):
     cfg = preset_config("smoke", "dc", "digits", 2)
     cfg = cfg.replace(weighting="auto", noise=0.3, iwd=dataclasses.replace(cfg.iwd, crossfit_steps=20))
     pool = prepare_pool(cfg, tiny_splits, "cpu")
-    built_in = crossfit_estimate(cfg, pool, "cpu")
+    built_in_weights, built_in = crossfit_estimate(cfg, pool, "cpu")
     base = mix_seed(cfg.seed, Stream.WARMUP_NETWORK)
     weights, noise = trusted_weights(lambda s: build_net(cfg.net, pool, mix_seed(base, s), "cpu"), pool.images,
                                      pool.labels, pool.num_classes, seed=mix_seed(cfg.seed, Stream.WARMUP_TRAINING),
                                      steps=20)
     assert torch.equal(noise.suspect, built_in.suspect) and bool(noise.suspect.any())
+    assert torch.equal(weights, built_in_weights)
     assert torch.equal(weights, trust_weights(built_in.suspect, pool.labels, pool.num_classes))
