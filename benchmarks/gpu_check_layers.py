@@ -6,7 +6,7 @@ from typing import List
 
 import torch
 
-from iwd_fast.scoring import dispatch as _dispatch, reference
+from iwd_fast.scoring import dispatch as _dispatch, eager_ops
 
 from gpu_check_common import _err_text, _sync, DTYPE_NAMES, ERROR, FAIL, HALF, PASS, Report, U32, U64
 
@@ -84,7 +84,7 @@ def check_layers(rep: Report, seed: int) -> None:
         torch.manual_seed(seed + i)
         args64, n_terms = case["build"]()
         args64 = [a * 0.5 if isinstance(a, torch.Tensor) else a for a in args64]
-        spec_op = getattr(reference, case["op"])
+        spec_op = getattr(eager_ops, case["op"])
         for impl, ops in backends.items():
             for dtype in plan.layer_dtypes[impl]:
                 name = f"layer {case['op']} {impl} {DTYPE_NAMES[dtype]} [{case['label']}]"

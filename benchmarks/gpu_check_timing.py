@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from iwd_fast.scoring import reference
+from iwd_fast.scoring import eager_ops
 from iwd_fast.scoring.backends import compiled_ops as _ops
 
 from gpu_check_common import _err_text, _sync, Report, set_tf32
@@ -79,8 +79,8 @@ def time_conv_micro(rep: Report, tf32_pass: bool) -> None:
     try:
         rows["alone"] = _time(rep, "conv_micro", f"{conv} conv2d(x, V) alone{tf}",
                               lambda: F.conv2d(x, v[0], None, 1, 1), shape=shape, tf32=tf32_pass)
-        rows["unfused"] = _time(rep, "conv_micro", f"{conv} conv2d + mul + sum, unfused (reference.conv_dot){tf}",
-                                lambda: reference.conv_dot(x, v, delta, (1, 1), (1, 1), (1, 1), 1), shape=shape,
+        rows["unfused"] = _time(rep, "conv_micro", f"{conv} conv2d + mul + sum, unfused (eager_ops.conv_dot){tf}",
+                                lambda: eager_ops.conv_dot(x, v, delta, (1, 1), (1, 1), (1, 1), 1), shape=shape,
                                 tf32=tf32_pass)
     finally:
         set_tf32(False)

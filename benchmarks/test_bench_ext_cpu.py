@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 import harness  # noqa: E402 - benchmarks/ is on sys.path (conftest.py)
-from iwd_fast.scoring import reference as ref  # noqa: E402
+from iwd_fast.scoring import eager_ops as ref  # noqa: E402
 from iwd_fast.scoring.backends import compiled_ext as _ext, compiled_ops as _ops  # noqa: E402
 
 ROUNDS = 5

@@ -1,7 +1,7 @@
 // Entry checks shared by the CPU and CUDA implementations of the iwd_fast ops.
 //
 // Every op validates shapes, dtypes and devices here before touching data, so both backends reject
-// bad input with the same one-line message. Shapes follow iwd_fast/scoring/reference.py:
+// bad input with the same one-line message. Shapes follow iwd_fast/scoring/eager_ops.py:
 //   conv_dot:          x [B, Cin, H, W], v [K, Cout, Cin/groups, kh, kw], delta [B, Cout, Ho, Wo]
 //   linear_dot:          a [B, T, d], v [K, p, d], delta [B, T, p]
 //   affine_dot:          delta [B, C, P], v_bias [K, C], xhat [B, C, P], v_weight [K, C]

@@ -1,6 +1,6 @@
 // Schemas of the iwd_fast ops and the Python module iwd_fast._C (pybind11 module glue).
 //
-// The ops are the compiled backends of the layer ops in iwd_fast/scoring/reference.py (the
+// The ops are the compiled backends of the layer ops in iwd_fast/scoring/eager_ops.py (the
 // specification). Kernels are registered per dispatch key in csrc/cpu/grad_dot_cpu.cpp (CPU) and
 // csrc/cuda/grad_dot_cuda.cu (CUDA); fake (meta) kernels live in iwd_fast/scoring/backends/compiled_ops.py.
 // Importing iwd_fast._C loads this shared library, which runs the registrations below; the ops are

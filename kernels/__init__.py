@@ -3,7 +3,7 @@
 Importing this package imports triton. Each module holds one op: the ``@triton.jit`` kernel
 (``_<name>_kernel``) and its launcher, which validates shapes, picks block sizes, launches, and
 finishes the per-tile partial sums in a fixed order. Launchers share the signatures of the eager
-oracles in ``iwd_fast.scoring.reference`` and run on CUDA tensors, or on CPU tensors under the Triton
+specifications in ``iwd_fast.scoring.eager_ops`` and run on CUDA tensors, or on CPU tensors under the Triton
 interpreter (TRITON_INTERPRET=1 set before triton is imported).
 
 Launchers:

@@ -1,7 +1,7 @@
 """Per-sample dots for per-channel affine parameters (biases, norm-layer gamma/beta).
 
 s[b, k] = sum_c (sum_pos delta[b, c, pos]) v_bias[k, c] + (sum_pos xhat[b, c, pos] delta[b, c, pos]) v_weight[k, c]
-(spec: ``iwd_fast.scoring.reference.affine_dot``)
+(spec: ``iwd_fast.scoring.eager_ops.affine_dot``)
 
 One program owns one sample and BLOCK_C channels: it sums delta (and xhat * delta) over positions in
 BLOCK_P chunks, then dots these per-channel sums with BLOCK_K directions at a time and writes one
@@ -79,15 +79,10 @@ def affine_dot(
     xhat: Optional[torch.Tensor] = None,
     v_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Per-sample dot for per-channel affine parameters (same contract as ``reference.affine_dot``).
+    """Per-sample dot for per-channel affine parameters: the arguments and shapes of ``eager_ops.affine_dot``
+    (delta [B, C, P], v_bias / v_weight [K, C] or None, xhat [B, C, P] with v_weight).
 
-    Args:
-        delta: output gradient [B, C, P] (P positions; any strides).
-        v_bias: directions for the bias/beta [K, C], or None.
-        xhat: the normalised input [B, C, P] (needed only with ``v_weight``).
-        v_weight: directions for gamma [K, C], or None.
-    Returns:
-        [B, K]: float32 for float16/bfloat16 inputs, else the input dtype.
+    Returns [B, K]: float32 for float16/bfloat16 inputs, else the input dtype.
     """
     name = "affine_dot"
     if v_bias is None and v_weight is None:

@@ -1,6 +1,6 @@
 """Per-sample conv weight-gradient dots: implicit-GEMM convolution with a fused delta epilogue.
 
-s[b, k] = sum_{c, pos} conv2d(x_b; V_k)[c, pos] * delta_b[c, pos]   (spec: ``iwd_fast.scoring.reference.conv_dot``)
+s[b, k] = sum_{c, pos} conv2d(x_b; V_k)[c, pos] * delta_b[c, pos]   (spec: ``iwd_fast.scoring.eager_ops.conv_dot``)
 
 One program owns one sample b, one direction k, one group g, a tile of BLOCK_M output positions and
 a tile of BLOCK_N output channels of that group. It walks the reduction axis r = (ci, kh, kw) of
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..scoring.reference import conv_hyperparameters
+from ..scoring.eager_ops import conv_hyperparameters
 from ._common import block, cdiv, is_interpreted, launch, launch_options, prepare
 
 IntOrSeq = Union[int, Sequence[int]]
@@ -112,7 +112,7 @@ def conv_dot(
     dilation: IntOrSeq = 1,
     groups: int = 1,
 ) -> torch.Tensor:
-    """Per-sample <dL_b/dW, V_k> of a conv1d/conv2d layer (same contract as ``reference.conv_dot``).
+    """Per-sample <dL_b/dW, V_k> of a conv1d/conv2d layer (same contract as ``eager_ops.conv_dot``).
 
     Args:
         x: layer input [B, Cin, H, W] (or [B, Cin, L] for conv1d); any strides.

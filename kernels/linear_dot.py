@@ -1,6 +1,6 @@
 """Per-sample Linear weight-gradient dots: a GEMM with a fused delta epilogue.
 
-s[b, k] = sum_t delta[b, t] . (V_k a[b, t])   (spec: ``iwd_fast.scoring.reference.linear_dot``)
+s[b, k] = sum_t delta[b, t] . (V_k a[b, t])   (spec: ``iwd_fast.scoring.eager_ops.linear_dot``)
 
 The rows of the GEMM are the (sample, position) pairs of ``a`` [B, T, d]; the columns are the output
 features of one direction V_k [p, d]. One program owns BLOCK_M rows, one direction k and BLOCK_N
@@ -92,7 +92,7 @@ def _blocks(interpreted: bool, t: int, p: int, d: int, half: bool):
 
 
 def linear_dot(a: torch.Tensor, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Per-sample <dL_b/dW, V_k> of a Linear layer (same contract as ``reference.linear_dot``).
+    """Per-sample <dL_b/dW, V_k> of a Linear layer (same contract as ``eager_ops.linear_dot``).
 
     Args:
         a: layer input [B, T, d]; any strides.

@@ -1,6 +1,6 @@
 """Per-sample squared gradient norms of a Linear-shaped product G_b = delta_b^T a_b.
 
-||G_b||_F^2   (spec: ``iwd_fast.scoring.reference.linear_grad_norm_sq``), two kernels:
+||G_b||_F^2   (spec: ``iwd_fast.scoring.eager_ops.linear_grad_norm_sq``), two kernels:
 
 * ghost: ||G_b||^2 = sum_{t,s} (a_t . a_s)(delta_t . delta_s). A program owns one [BLOCK_T, BLOCK_T]
   tile (ti, tj) of the T x T Gram matrices of one sample, builds both Gram tiles with ``tl.dot``
@@ -10,7 +10,7 @@
   BLOCK_T chunks and writes the tile's sum of squares. Cost O(T p d), never stores G.
 
 Partials [B, n_tiles] per method, then a fixed-order torch sum (deterministic, no atomics).
-Conv layers reach this op through im2col (``reference.conv_unfold``) in the caller.
+Conv layers reach this op through im2col (``eager_ops.conv_unfold``) in the caller.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..scoring.reference import choose_norm_method
+from ..scoring.eager_ops import choose_norm_method
 from ._common import block, cdiv, is_interpreted, launch, launch_options, prepare
 
 
@@ -114,7 +114,7 @@ def _materialize_norm_kernel(
 
 
 def linear_grad_norm_sq(a: torch.Tensor, delta: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """Per-sample ||delta_b^T a_b||_F^2 (same contract as ``reference.linear_grad_norm_sq``).
+    """Per-sample ||delta_b^T a_b||_F^2 (same contract as ``eager_ops.linear_grad_norm_sq``).
 
     Args:
         a: [B, T, d]; delta: [B, T, p]; any strides.

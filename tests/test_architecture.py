@@ -119,8 +119,8 @@ def violations(module: str, source: str, is_package: bool = False):
             bad.append(f"{where}: data/networks/evaluate/runtime use only scoring.checks of the engine")
         if theirs == "kernels" and mine != "kernels" and module != "iwd_fast.scoring.backends.triton_ops":
             bad.append(f"{where}: only scoring.backends.triton_ops imports the Triton kernels")
-        if mine == "kernels" and theirs == "scoring" and target != "iwd_fast.scoring.reference":
-            bad.append(f"{where}: the kernels import only the spec helpers of scoring.reference")
+        if mine == "kernels" and theirs == "scoring" and target != "iwd_fast.scoring.eager_ops":
+            bad.append(f"{where}: the kernels import only the spec helpers of scoring.eager_ops")
         if module.startswith("iwd_fast.scoring.backends.") and target.startswith("iwd_fast.scoring.backends."):
             fam = [f for f in BACKEND_FAMILIES if module.split(".")[-1].startswith(f)]
             other = [f for f in BACKEND_FAMILIES if target.split(".")[-1].startswith(f)]

@@ -1,6 +1,6 @@
 // CPU kernels of the iwd_fast ops (float32 and float64).
 //
-// The eager formulas in iwd_fast/scoring/reference.py materialise a [B, K*Cout, Ho, Wo] (or [B, T, K*p])
+// The eager formulas in iwd_fast/scoring/eager_ops.py materialise a [B, K*Cout, Ho, Wo] (or [B, T, K*p])
 // intermediate, multiply it by delta into a second tensor of the same size and reduce that: three
 // passes over memory far larger than the caches. Here the batch is cut into chunks of samples whose
 // intermediate fits in L2; each chunk runs the forward-sized oneDNN/MKL op (at::conv2d, at::matmul,

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 from ..data import DATASET_NAMES as DATASETS
 from ..networks import NETWORK_NAMES
+from ..scoring.dataset.score_targets import DATASET_TARGETS
 from ..scoring.dispatch import IMPLS
 from .cli_distill import add_common as _add_common, add_distill_parser, add_evaluate_parser, run_distill, run_evaluate
 from .presets import METHODS, list_presets
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "torch.distributed when launched with `torchrun --nproc_per_node N -m iwd_fast score ...`."))
     s.add_argument("--dataset", default="digits", help="a built-in name (" + ", ".join(DATASETS) + "), a folder of "
                    "images in class subfolders, or a tensors file (.pt/.safetensors/.npz with images and labels)")
-    s.add_argument("--target", choices=("validation", "self", "direction"), default="validation",
+    s.add_argument("--target", choices=DATASET_TARGETS, default="validation",
                    help="validation: <g_i, grad of the held-out loss>; self: ||g_i||^2; direction: <g_i, v_k> of --direction")
     s.add_argument("--direction", default=None, help="a .pt file of directions (dict, list of dicts, or tensors "
                    "aligned with the trainable parameters) for --target direction")

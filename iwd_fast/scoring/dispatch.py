@@ -3,7 +3,7 @@
 impl values:
   "reference"  torch.func vmap(grad): materialises per-sample gradients (the oracle; model level)
   "jvp"        torch.func.jvp forward mode (model level; any layer, train-mode BatchNorm included)
-  "torch"      hooks + eager per-layer formulas (reference.py)
+  "torch"      hooks + eager per-layer formulas (eager_ops.py)
   "cpu"        hooks + compiled C++ ops (iwd_fast._C, CPU tensors)
   "cuda"       hooks + compiled CUDA ops (iwd_fast._C built with CUDA, CUDA tensors)
   "triton"     hooks + Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
@@ -24,7 +24,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from . import reference
+from . import eager_ops
 from .params import group_by_module, param_owners
 from .rules import UnsupportedLayerError, rule_for
 
@@ -42,10 +42,10 @@ class ImplUnavailableError(RuntimeError):
 
 def _torch_ops():
     return SimpleNamespace(
-        conv_dot=reference.conv_dot,
-        linear_dot=reference.linear_dot,
-        affine_dot=reference.affine_dot,
-        linear_grad_norm_sq=reference.linear_grad_norm_sq,
+        conv_dot=eager_ops.conv_dot,
+        linear_dot=eager_ops.linear_dot,
+        affine_dot=eager_ops.affine_dot,
+        linear_grad_norm_sq=eager_ops.linear_grad_norm_sq,
     )
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import reference
+from . import eager_ops
 
 __all__ = ["Record", "UnsupportedLayerError", "rule_for", "couples_samples", "sample_slices", "SUPPORTED_TYPES"]
 
@@ -102,7 +102,7 @@ class LinearRule(_Rule):
         out = 0
         if "weight" in names:
             t, din, p = a.shape[1], a.shape[2], d.shape[2]
-            method = reference.choose_norm_method(t, din, p)
+            method = eager_ops.choose_norm_method(t, din, p)
             per_sample = (2 * t * t if method == "ghost" else p * din) * d.element_size()
             out = out + torch.cat([ops.linear_grad_norm_sq(a[sl], d[sl], method)
                                    for sl in sample_slices(a.shape[0], per_sample, _nbytes(d))])
@@ -163,7 +163,7 @@ class ConvRule(_Rule):
         cols, deltas = [], []
         for r in recs:
             x, padding = self._geometry(module, r.x[sl])
-            cols.append(reference.conv_unfold(x, module.kernel_size, module.stride, padding, module.dilation))
+            cols.append(eager_ops.conv_unfold(x, module.kernel_size, module.stride, padding, module.dilation))
             deltas.append(r.delta[sl].flatten(2).transpose(1, 2))  # [b, T, Cout]
         a = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
         d = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)
@@ -172,7 +172,7 @@ class ConvRule(_Rule):
         for j in range(g):
             a_j = a[:, :, j * cin_g:(j + 1) * cin_g]
             d_j = d[:, :, j * cout_g:(j + 1) * cout_g]
-            method = reference.choose_norm_method(a_j.shape[1], a_j.shape[2], d_j.shape[2])
+            method = eager_ops.choose_norm_method(a_j.shape[1], a_j.shape[2], d_j.shape[2])
             out = out + ops.linear_grad_norm_sq(a_j, d_j, method)
         return out
 
@@ -252,7 +252,7 @@ class EmbeddingRule(_Rule):
         b = _batch(rec.x)
         idx = rec.x.reshape(b, -1)
         d = rec.delta.reshape(b, idx.shape[1], -1)
-        return reference.embedding_dot(idx, v["weight"], d, module.padding_idx)
+        return eager_ops.embedding_dot(idx, v["weight"], d, module.padding_idx)
 
     def norm_sq(self, module, recs, names, ops):
         b = _batch(recs[0].x)

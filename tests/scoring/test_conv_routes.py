@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iwd_fast.scoring import reference as ref
+from iwd_fast.scoring import eager_ops as ref
 from iwd_fast.scoring.backends import compiled_ops
 
 CONV = {1: F.conv1d, 2: F.conv2d}

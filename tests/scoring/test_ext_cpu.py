@@ -17,7 +17,7 @@ if _ext.load() is None:
     pytest.skip(f"compiled ops unavailable: {_ext.status()['cpu'][1]}", allow_module_level=True)
 
 from iwd_fast.scoring.backends import compiled_ops as _ops  # noqa: E402
-from iwd_fast.scoring import reference as ref  # noqa: E402
+from iwd_fast.scoring import eager_ops as ref  # noqa: E402
 
 U32 = 2.0 ** -24
 

@@ -28,7 +28,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 from iwd_fast.scoring.backends import triton_ops as _triton_ops  # noqa: E402
-from iwd_fast.scoring import reference as ref  # noqa: E402
+from iwd_fast.scoring import eager_ops as ref  # noqa: E402
 
 _ok, _why = _triton_ops.available()
 # triton is installed and the interpreter (or a GPU) is on: a backend that cannot run is a defect, not a skip.

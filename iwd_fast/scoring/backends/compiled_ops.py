@@ -1,6 +1,6 @@
 """Python face of the compiled ops ``torch.ops.iwd_fast.*``: fake kernels and wrappers.
 
-The wrappers take the signatures of the layer ops in ``iwd_fast.scoring.reference`` (the specification) and
+The wrappers take the signatures of the layer ops in ``iwd_fast.scoring.eager_ops`` (the specification) and
 call the compiled kernels of ``iwd_fast._C`` (CPU: float32/float64; CUDA: float32/float16/bfloat16,
 results in float32 for the half types). Importing this module never fails; calling a wrapper when
 the extension is not built raises RuntimeError with the reason from ``compiled_ext.status()``.
@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import compiled_ext as _ext
-from ..reference import choose_norm_method, conv_hyperparameters
+from ..eager_ops import choose_norm_method, conv_hyperparameters
 
 __all__ = ["available", "conv_dot", "linear_dot", "affine_dot", "linear_grad_norm_sq"]
 
@@ -83,7 +83,7 @@ def conv_dot(x: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, stride: Unio
     nd = x.dim() - 2
     if nd not in (1, 2):
         raise ValueError(f"conv_dot: the compiled op supports 1d and 2d convolutions, got input of shape "
-                         f"{tuple(x.shape)} ({nd} spatial dims); use iwd_fast.scoring.reference.conv_dot")
+                         f"{tuple(x.shape)} ({nd} spatial dims); use iwd_fast.scoring.eager_ops.conv_dot")
     stride, padding, dilation = conv_hyperparameters(stride, padding, dilation, nd)
     if nd == 1:  # a conv1d is a conv2d of height 1
         x, v, delta = x.unsqueeze(2), v.unsqueeze(3), delta.unsqueeze(2)

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..reference import conv_hyperparameters
+from ..eager_ops import conv_hyperparameters
 
 __all__ = ["available", "ops", "conv_dot", "linear_dot", "affine_dot", "linear_grad_norm_sq"]
 

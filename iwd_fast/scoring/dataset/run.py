@@ -27,8 +27,8 @@ from ..params import stack_directions
 from .fingerprint import model_sha256, named_tensors_sha256, update_digest
 from .shard import Shard, init_from_env
 from .source import Source, as_source, describe_rows, nonfinite_rows, split_batch
+from .score_targets import Target, mean_loss_gradient, resolve_target
 from .store import FORMAT, Chunk, ScoreStore, identity_sha256, scores_checksum
-from .targets import Target, mean_loss_gradient, resolve_target
 
 __all__ = ["score_dataset", "ScoreResult", "NONFINITE_POLICIES"]
 

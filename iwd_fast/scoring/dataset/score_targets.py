@@ -19,9 +19,9 @@ from ..params import StackedDirections, stack_directions, trainable_parameters
 from .fingerprint import named_tensors_sha256, tensors_sha256
 from .source import Source, as_source, nonfinite_rows, split_batch
 
-__all__ = ["TARGETS", "Target", "resolve_target", "mean_loss_gradient"]
+__all__ = ["DATASET_TARGETS", "Target", "resolve_target", "mean_loss_gradient"]
 
-TARGETS = ("validation", "self", "direction")
+DATASET_TARGETS = ("validation", "self", "direction")
 
 
 @dataclass
@@ -41,8 +41,8 @@ class Target:
 def resolve_target(model: torch.nn.Module, target: str, source: Source, validation, directions, scale: float,
                    batch_size: int, num_workers: int, pin_memory: bool) -> Target:
     """Check the target's inputs and fingerprint them (no scoring work yet)."""
-    if target not in TARGETS:
-        raise ValueError(f"score_dataset: target must be one of {TARGETS}, got {target!r}")
+    if target not in DATASET_TARGETS:
+        raise ValueError(f"score_dataset: target must be one of {DATASET_TARGETS}, got {target!r}")
     if target == "self":
         if validation is not None or directions is not None:
             raise ValueError("score_dataset: target 'self' takes neither validation= nor directions=")
