@@ -11,7 +11,7 @@ import inspect as _inspect
 from .scoring import IMPLS, Capture, ImplUnavailableError, UnsupportedLayerError, capture, grad_dot, grad_norm_sq
 from .scoring.dataset import ScoreResult
 from .scoring.dataset import score_dataset as _score_dataset
-from .weighting import (IndexedClassSampler, InfluenceWeighter, select_initial, sign_for, trusted_weights,
+from .weighting import (IndexedClassSampler, InfluenceWeighter, InLoopWeights, select_initial, sign_for, trusted_weights,
                         weighted_class_mean, weighted_cross_entropy)
 
 __version__ = "0.1.0"
@@ -40,6 +40,7 @@ __all__ = [
     "ImplUnavailableError",
     "UnsupportedLayerError",
     "InfluenceWeighter",
+    "InLoopWeights",
     "sign_for",
     "IndexedClassSampler",
     "select_initial",

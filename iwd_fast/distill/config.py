@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 from ..data.user_data import UserDataSpec
 from ..evaluate import EvalSpec
 from ..networks import NetSpec
+from ..weighting.in_loop import IN_LOOP_DEFAULTS
 from ..weighting.trust import CROSSFIT_DEFAULTS
 from ..weighting.weighter import WEIGHTER_DEFAULTS
 
@@ -41,10 +42,14 @@ class IWDSpec:
     ema: float = WEIGHTER_DEFAULTS["ema"]
     floor: float = WEIGHTER_DEFAULTS["floor"]
     standardize: bool = WEIGHTER_DEFAULTS["standardize"]  # z-score each refresh's scores per class before the EMA
-    refresh: int = 3                # rescore every `refresh` outer steps (DC/DSA) or iterations (DM)
-    heldout_fraction: float = 0.1   # validation target: stratified split held out of the training set
-    heldout_batch: int = 256        # validation target: held-out instances per refresh (drawn at random)
-    heldout_keep: float = 0.7       # validation target: the lowest-loss share of that batch defines the direction
+    # In-loop rescoring (IN_LOOP_DEFAULTS, shared with iwd_fast.InLoopWeights): every `refresh` outer steps
+    # (DC/DSA) or iterations (DM); the validation target holds out a stratified `heldout_fraction` of the
+    # training set and draws `heldout_batch` of it per refresh, whose lowest-loss `heldout_keep` share
+    # defines the direction.
+    refresh: int = IN_LOOP_DEFAULTS["refresh"]
+    heldout_fraction: float = IN_LOOP_DEFAULTS["heldout_fraction"]
+    heldout_batch: int = IN_LOOP_DEFAULTS["heldout_batch"]
+    heldout_keep: float = IN_LOOP_DEFAULTS["heldout_keep"]
     heldout_clean: bool = False     # simulate a trusted held-out set (its clean labels; for benchmarks)
     warmup_steps: int = 50          # SGD steps of the warm-up network on the pool
     warmup_influence: str = "self"  # warm-up score (initial images, static weights, pruning): self | validation |

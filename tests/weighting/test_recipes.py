@@ -3,6 +3,7 @@
 Each loop uses only the recipe's lines; the scores must equal an explicit per-sample loop, the weighted
 real gradient the weighted mean of per-sample gradients, and the weighted losses their explicit forms.
 """
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -128,3 +129,79 @@ def test_the_weights_follow_the_data_and_a_forgotten_sample_weights_is_impossibl
     v = {n: torch.randn_like(p) for n, p in net.named_parameters()}
     ref = iwd_fast.grad_dot(net, x, y, v, impl="reference")
     assert torch.allclose(cap.grad_dot(v), ref, rtol=1e-10)  # nothing to remember: no sample_weights argument
+
+
+def _readme_in_loop_long_form(images_all, labels_all, held_images, held_labels, steps, draws):
+    """README recipe 2 line by line (REFRESH = 3, 256 held-out images, keep 0.7): the gradients and weights."""
+    REFRESH = 3
+    weighter = iwd_fast.InfluenceWeighter(labels_all, C)
+    torch.manual_seed(1)
+    net = build_network("convnet", 1, C, (8, 8), width=4, depth=2)
+    net_parameters = list(net.parameters())
+    grads = []
+    for ol in range(steps):
+        scoring = ol % REFRESH == 0
+        if scoring:
+            pick = torch.randperm(len(held_labels), generator=torch.Generator().manual_seed(ol))[:256]
+            v_val = validation_directions(net, held_images[pick], held_labels[pick], scale=0.01, keep=0.7)
+        for c in range(C):
+            idx = draws[ol][c]
+            img_real, lab_real = images_all[idx], labels_all[idx]
+            if scoring:
+                with iwd_fast.capture(net, directions=v_val) as cap:
+                    losses = F.cross_entropy(net(img_real), lab_real, reduction="none")
+                    gw_real = list(cap.weighted_gradient(losses, weighter.relative_batch_weights(idx), net_parameters))
+                weighter.update(idx, cap.grad_dot())
+            else:
+                loss_real = iwd_fast.weighted_cross_entropy(net(img_real), lab_real, weighter.relative_batch_weights(idx))
+                gw_real = torch.autograd.grad(loss_real, net_parameters)
+            grads.append([g.clone() for g in gw_real])
+            with torch.no_grad():                                     # move the network, as matching would
+                for p, g in zip(net_parameters, gw_real):
+                    p -= 0.5 * g
+    return grads, weighter.weights()
+
+
+def _helper_in_loop(images_all, labels_all, held_images, held_labels, steps, draws):
+    """The same loop through ``iwd_fast.InLoopWeights`` (its defaults: the README's constants)."""
+    in_loop = iwd_fast.InLoopWeights(labels_all, C, held_images, held_labels)
+    torch.manual_seed(1)
+    net = build_network("convnet", 1, C, (8, 8), width=4, depth=2)
+    net_parameters = list(net.parameters())
+    grads = []
+    for ol in range(steps):
+        in_loop.begin_step(net, ol, scale=0.01)
+        for c in range(C):
+            idx = draws[ol][c]
+            gw_real = in_loop.real_gradient(net, images_all[idx], labels_all[idx], idx, net_parameters)
+            grads.append([g.clone() for g in gw_real])
+            with torch.no_grad():
+                for p, g in zip(net_parameters, gw_real):
+                    p -= 0.5 * g
+    return grads, in_loop.weighter.weights()
+
+
+def test_in_loop_weights_is_the_readme_long_form_bit_for_bit():
+    x, y = _data(n=90)
+    x, y = x.float(), y.clone()
+    y[torch.tensor([4, 17, 40, 61])] = (y[torch.tensor([4, 17, 40, 61])] + 1) % C      # some flipped labels
+    pool, held = stratified_split(y, 0.1, seed=0)
+    images_all, labels_all, held_images, held_labels = x[pool], y[pool], x[held], y[held]
+    sampler = iwd_fast.IndexedClassSampler(labels_all, C, seed=3)
+    steps = 5                                                          # scored at 0 and 3, plain at 1, 2, 4
+    draws = [[sampler.sample(c, 7) for c in range(C)] for _ in range(steps)]
+    long_grads, long_weights = _readme_in_loop_long_form(images_all, labels_all, held_images, held_labels, steps, draws)
+    grads, weights = _helper_in_loop(images_all, labels_all, held_images, held_labels, steps, draws)
+    assert len(grads) == len(long_grads) == steps * C
+    for mine, theirs in zip(grads, long_grads):
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    assert torch.equal(weights, long_weights)
+    assert not torch.equal(weights, torch.ones_like(weights))         # the scores moved the weights
+
+
+def test_in_loop_weights_refuses_a_mismatched_heldout_set():
+    x, y = _data()
+    with pytest.raises(ValueError, match="InLoopWeights: need as many held-out images as labels.*6 images and 5"):
+        iwd_fast.InLoopWeights(y, C, x[:6], y[:5])
+    with pytest.raises(ValueError, match=r"InLoopWeights \(heldout_labels\): labels outside \[0, 3\) at indices \[1\]"):
+        iwd_fast.InLoopWeights(y, C, x[:2], torch.tensor([0, 7]))
