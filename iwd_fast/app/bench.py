@@ -69,8 +69,8 @@ def run_bench(spec_path: str, out: str, jobs: int = 1, threads: int = 1, shard: 
     notes: Dict[str, List[str]] = {}
     try:
         cells = expand_cells(load_spec(spec_path), notes)
-    except ValueError as err:  # every refusal names the spec file
-        raise ValueError(str(err) if str(err).startswith(str(spec_path)) else f"{spec_path}: {err}") from None
+    except (ValueError, FileNotFoundError) as err:  # every refusal names the spec file (a missing dataset too)
+        raise type(err)(str(err) if str(err).startswith(str(spec_path)) else f"{spec_path}: {err}") from None
     for what, lines in notes.items():  # presets scaled to datasets of one's own, said before any cell runs
         print(f"{what}: " + "; ".join(lines))
     if data_root:

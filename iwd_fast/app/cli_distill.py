@@ -110,7 +110,8 @@ def config_from_args(args, data: Optional[UserData] = None) -> Tuple[DistillConf
         raise ValueError("--pdd-base and --stages are settings of --method pdd")
     notes: List[str] = []
     if data is None:
-        cfg = preset_config(args.preset, args.method, args.dataset, args.ipc or 10, base=args.pdd_base)
+        ipc = 10 if args.ipc is None else args.ipc  # 0 is refused by validate, not taken for the default
+        cfg = preset_config(args.preset, args.method, args.dataset, ipc, base=args.pdd_base)
     else:
         from .scaling import scaled_config
 

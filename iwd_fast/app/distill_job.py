@@ -273,16 +273,20 @@ def _finished_summary(out_dir, cfg: DistillConfig) -> Optional[Dict[str, Any]]:
 
 
 def _open_run(out_dir, cfg, splits: DatasetSplits) -> Optional[RunFolder]:
-    """The run folder: a new one gets config, env and data.json (the data's names, shapes, normalisation
-    statistics and fingerprint: ``DatasetSplits.record``); an existing one holds the same config (checked). The
+    """The run folder: a new one gets env and data.json (the data's names, shapes, normalisation statistics and
+    fingerprint: ``DatasetSplits.record``), then config.json, which marks the run as started; an existing one
+    holds the same config (checked) and gets whichever of the other two a kill kept from being written. The
     folder is claimed for this process: a second process on it refuses, naming this one."""
     if out_dir is None:
         return None
     run = RunFolder(out_dir).lock()
-    if not _check_same_config(run.path, cfg):
-        run.write_config(cfg)
+    started = _check_same_config(run.path, cfg)
+    if not started or not (run.path / "env.json").is_file():
         run.write_env()
+    if not started or not (run.path / "data.json").is_file():
         run.save_json("data.json", splits.record())
+    if not started:
+        run.write_config(cfg)
     return run
 
 

@@ -10,7 +10,7 @@ truncated file, or a mixed-size folder, is refused by position and path before a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from ..scoring.checks import format_indices
 
 __all__ = ["ImageFolder", "IMAGE_EXTENSIONS", "channel_stats"]
 
+GREYSCALE_MODES = {"1", "L", "I", "I;16", "F"}  # Pillow modes of one channel
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -29,7 +30,8 @@ class ImageFolder(Dataset):
     Args:
         root: the folder whose subfolders are the classes.
         size: (H, W) to resize every image to (bilinear); None: all images must share one size.
-        channels: 1 or 3; None: 1 if the first image is greyscale, else 3.
+        channels: 1 or 3; None: 1 if every image is greyscale, else 3 (a colour image anywhere in the folder
+            makes it a colour dataset; greyscale images are then read as RGB).
         mean, std: per-channel normalisation of the [0, 1] pixels (default 0 and 1: none).
     Attributes: ``classes`` (names), ``samples`` [(path, label)], ``targets`` (labels, no image read).
     """
@@ -54,8 +56,8 @@ class ImageFolder(Dataset):
         if empty:
             raise ValueError(f"ImageFolder: class folders without images: {empty[:5]}")
         self.targets = [lab for _, lab in self.samples]
-        sizes, first_mode = self._headers(Image)
-        self.channels = channels or (1 if first_mode in ("1", "L", "I", "I;16", "F") else 3)
+        sizes, modes = self._headers(Image)
+        self.channels = channels or (1 if modes <= GREYSCALE_MODES else 3)
         if self.channels not in (1, 3):
             raise ValueError(f"ImageFolder: channels must be 1 or 3, got {self.channels}")
         if size is not None and (len(tuple(size)) != 2 or min(int(v) for v in size) < 1):
@@ -66,19 +68,19 @@ class ImageFolder(Dataset):
         if len(self.mean) != self.channels or len(self.std) != self.channels or min(self.std) <= 0:
             raise ValueError(f"ImageFolder: mean/std need {self.channels} entries and std > 0")
 
-    def _headers(self, image_module) -> Tuple[List[Tuple[int, int]], str]:
-        """(H, W) of every file and the first file's mode; refuses an unreadable or damaged file by position."""
-        sizes, mode = [], ""
+    def _headers(self, image_module) -> Tuple[List[Tuple[int, int]], Set[str]]:
+        """(H, W) of every file and the set of their modes; refuses an unreadable or damaged file by position."""
+        sizes, modes = [], set()
         for i, (path, _) in enumerate(self.samples):
             try:
                 with image_module.open(path) as im:
                     sizes.append((im.height, im.width))
-                    mode = mode or im.mode
+                    modes.add(im.mode)
                     im.verify()  # the format's integrity check (PNG: every chunk's CRC), without decoding
             except Exception as err:  # noqa: BLE001 - Pillow's errors for a bad file vary by format
                 raise ValueError(f"ImageFolder: image at position {i} ({path}) cannot be read: "
                                  f"{type(err).__name__}: {str(err).strip()[:160] or 'no detail'}") from None
-        return sizes, mode
+        return sizes, modes
 
     def _common_size(self, sizes: List[Tuple[int, int]]) -> Tuple[int, int]:
         """(H, W) shared by every image; refuses a mixed folder by position."""

@@ -254,7 +254,7 @@ def test_bench_spec(tmp_path, spec, fault, data):
         mention = ["unknown method 'zz'"]
     elif fault == "bad_dataset":
         spec["datasets"] = ["imagenet"]
-        mention = ["unknown dataset 'imagenet'"]
+        mention = ["imagenet' is neither a built-in name"]
     elif fault == "bad_preset":
         spec["preset"] = "fast"
         mention = ["unknown preset 'fast'"]

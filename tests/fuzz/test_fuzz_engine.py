@@ -181,7 +181,7 @@ def test_capture_weighted_gradient(kind, b, fault, data):
             return correct("capture.weighted_gradient")
         expect = {"negative": (rows, "negative or non-finite weights"), "nan": (rows, "negative or non-finite weights"),
                   "inf": (rows, "negative or non-finite weights"), "all_zero": (None, "all weights are zero"),
-                  "wrong_shape": (None, f"weights must have shape [{b}]")}[fault]
+                  "wrong_shape": (None, f"weights must have shape ({b},), got {tuple(w.shape)}")}[fault]
         refused("capture.weighted_gradient", lambda: cap.weighted_gradient(losses, w, params), indices=expect[0],
                 mentions=["weighted_gradient: ", expect[1]])
 

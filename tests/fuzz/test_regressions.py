@@ -79,7 +79,8 @@ def test_bench_spec_values_of_the_wrong_type_are_named(tmp_path, line, key):
 def test_bench_spec_with_an_unknown_dataset_is_refused_before_any_cell_runs(tmp_path):
     spec = tmp_path / "spec.toml"
     spec.write_text('name = "x"\npreset = "smoke"\ndatasets = ["imagenet"]\n[variants.u]\nweighting = "none"\n')
-    one_line_refusal(["bench", str(spec), "--out", str(tmp_path / "o")], "imagenet' is neither a built-in name")
+    one_line_refusal(["bench", str(spec), "--out", str(tmp_path / "o")], f"{spec}: dataset '",  # the file, named
+                     "imagenet' is neither a built-in name")
     assert not (tmp_path / "o").exists()
 
 
@@ -105,7 +106,8 @@ def test_distill_refuses_a_device_it_cannot_use_in_one_line(tmp_path, device, na
 
 
 @pytest.mark.parametrize("argv, named", [(["--eval-every=-2"], "eval_every must be >= 0"),
-                                         (["--ipc", "1000"], "every class needs at least 1000 (ipc=1000)")])
+                                         (["--ipc", "1000"], "every class needs at least 1000 (ipc=1000)"),
+                                         (["--ipc=0"], "ipc must be a positive integer, got 0")])  # was run at 10
 def test_distill_refuses_before_its_folder_is_written(tmp_path, argv, named):
     one_line_refusal(["distill", "--preset", "smoke", "--quiet", "--out", str(tmp_path / "o"), *argv], named)
     assert not (tmp_path / "o").exists()
@@ -220,6 +222,21 @@ def test_image_folder_refuses_a_damaged_file_when_opened(tmp_path, size):
         ImageFolder(tmp_path, size=size)
 
 
+
+def test_image_folder_with_a_greyscale_first_image_keeps_the_colour_of_the_others(tmp_path):
+    """Found by the long profile: the channels came from the first file's mode alone, so one greyscale image
+    first turned every colour image of the folder grey."""
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((4, 3), 200, np.uint8), "L").save(tmp_path / "a" / "0.png")
+    colour = np.random.default_rng(0).integers(0, 256, (4, 3, 3), dtype=np.uint8)
+    Image.fromarray(colour, "RGB").save(tmp_path / "a" / "1.png")
+    ds = ImageFolder(tmp_path)
+    assert ds.channels == 3
+    assert torch.equal(ds[1][0], torch.from_numpy(colour.astype(np.float32) / 255.0).permute(2, 0, 1))
+    assert torch.equal(ds[0][0], torch.full((3, 4, 3), 200 / 255.0))     # the greyscale image, read as RGB
+    assert ImageFolder(tmp_path, channels=1).channels == 1  # an explicit choice still wins
+
+
 # ------------------------------------------------------------------------------- found by the fault tier
 
 def smoke_dc(iterations=4):
@@ -248,6 +265,22 @@ def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tiny_splits, tmp_path):
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON"):
         RunFolder(out).read_log()
 
+
+
+@pytest.mark.parametrize("lost", ["env.json", "data.json"])
+def test_a_run_killed_while_its_folder_was_written_gets_its_records_on_restart(tiny_splits, tmp_path, lost):
+    """A kill between the folder's first files left a run without env.json (a bench row then said git "unknown",
+    torch and device None) or data.json; the restart writes what is missing."""
+    cfg, out = smoke_dc(), str(tmp_path / "run")
+    run_distillation(cfg, tiny_splits, out_dir=out, progress=False, evaluate=False, until=1)
+    want = json.loads((tmp_path / "run" / lost).read_text())
+    (tmp_path / "run" / lost).unlink()
+    run_distillation(cfg, tiny_splits, out_dir=out, progress=False, evaluate=False)
+    got = json.loads((tmp_path / "run" / lost).read_text())
+    if lost == "env.json":
+        assert got["git_sha"] == want["git_sha"] and got["torch"] == want["torch"] and got["device"] == want["device"]
+    else:
+        assert got == want
 
 HOLDER = textwrap.dedent("""
     import sys, time
