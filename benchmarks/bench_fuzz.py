@@ -27,7 +27,7 @@ from typing import Any, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import REPO_ROOT, append_jsonl, environment, markdown_table, read_jsonl, results_path  # noqa: E402
+from harness import REPO_ROOT, append_jsonl, environment, markdown_table, read_jsonl, results_path, write_section  # noqa: E402
 
 RESULTS = "fuzz"
 SECTION = "fuzz"
@@ -107,11 +107,7 @@ def main() -> int:
         print(f"{len(rows)} rows appended to {path}")
     text = tables(read_jsonl(path))
     if args.into:
-        from iwd_fast.app.report import replace_section
-
-        doc = Path(args.into)
-        doc.write_text(replace_section(doc.read_text(), SECTION, text))
-        print(f"replaced the {SECTION!r} section of {doc}")
+        write_section(args.into, SECTION, text)
     print(text)
     return 0
 

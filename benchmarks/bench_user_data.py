@@ -4,6 +4,7 @@ built-in `fashion-mnist` run of the same seed.
     python benchmarks/bench_user_data.py write --data runs/fashion-mnist-user    # PNG folders and a tensors file
     python benchmarks/bench_user_data.py run --data runs/fashion-mnist-user     # 3 sources x {none, auto}, DC
     python benchmarks/bench_user_data.py --table                                # the table of the stored rows
+    python benchmarks/bench_user_data.py --table --into benchmarks/RESULTS.md    # RESULTS.md section 10
 
 ``write`` puts the idx files' images into ``DATA/train/<k>_<class>/<index>.png`` and ``DATA/test/...`` (class
 folders numbered so that their sorted order is the built-in label order; file names the image's position in
@@ -29,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's iwd_fast, whatever is installed
-from harness import append_jsonl, environment, markdown_table, read_jsonl, results_path  # noqa: E402
+from harness import append_jsonl, environment, markdown_table, read_jsonl, results_path, write_section  # noqa: E402
 
 RESULTS = "user_data"
+SECTION = "user-data"
 IDX_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -99,11 +101,17 @@ def run(data: Path, runs: Path, seed: int, path: Path) -> List[Dict[str, Any]]:
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
+    """The rows of the latest commit that ran this benchmark, one line each (a table never mixes commits)."""
+    sha = rows[-1]["env"]["git_sha"]
+    rows = [r for r in rows if r["env"]["git_sha"] == sha]
     body = [[r["source"], r["weighting"], f"{100 * r['init_accuracy']:.2f}", f"{100 * r['accuracy']:.2f}",
              f"{100 * r['gain_over_init']:+.2f}", r["synthetic_sha256"], r["data_fingerprint"],
-             f"{r['wall_seconds']:.0f}", r["env"]["git_sha"][:7]] for r in rows]
-    return markdown_table(["source", "weighting", "initial images %", "distilled %", "gain (pp)",
-                           "synthetic set (sha256)", "data (fingerprint)", "seconds", "git"], body)
+             f"{r['wall_seconds']:.0f}"] for r in rows]
+    head = (f"Rows from git {sha[:7]}: DC, `cpu` preset, Fashion-MNIST IPC 10, seed {rows[0]['seed']}, "
+            f"{rows[0]['train_images']} training and {rows[0]['test_images']} test images, 5 evaluation networks; "
+            f"`python benchmarks/bench_user_data.py run --data DATA` (CPU budget; seconds on a shared 2-core machine).")
+    return head + "\n\n" + markdown_table(["source", "weighting", "initial images %", "distilled %", "gain (pp)",
+                                          "synthetic set (sha256)", "data (fingerprint)", "seconds"], body)
 
 
 def main() -> None:
@@ -114,10 +122,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", action="store_true", help="print the table of the stored rows and exit")
+    p.add_argument("--into", default=None, help="with --table: replace the user-data section of this markdown file")
     args = p.parse_args()
     path = results_path(RESULTS)
     if args.table:
-        print(table(read_jsonl(path)))
+        text = table(read_jsonl(path))
+        if args.into:
+            write_section(args.into, SECTION, text)
+        print(text)
         return
     if args.command == "write":
         write(Path(args.data))

@@ -359,6 +359,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 
+def write_section(document: os.PathLike, section: str, text: str) -> None:
+    """Replace the ``<!-- section:begin/end -->`` part of a markdown file with ``text``, and say so."""
+    from iwd_fast.app.report import replace_section
+
+    doc = Path(document)
+    doc.write_text(replace_section(doc.read_text(), section, text))
+    print(f"replaced the {section!r} section of {doc}")
+
+
 def impl_reasons(device: torch.device) -> Dict[str, Optional[str]]:
     """{impl: None if usable else why} for every concrete impl; a backend failing to import is unavailable."""
     from iwd_fast.scoring import dispatch as _dispatch
