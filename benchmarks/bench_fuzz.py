@@ -27,7 +27,8 @@ from typing import Any, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import REPO_ROOT, append_jsonl, environment, markdown_table, read_jsonl, results_path, write_section  # noqa: E402
+from harness import (REPO_ROOT, append_jsonl, environment, markdown_table, read_jsonl, results_path,  # noqa: E402
+                     write_section)
 
 RESULTS = "fuzz"
 SECTION = "fuzz"
