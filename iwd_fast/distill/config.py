@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 from ..data.user_data import UserDataSpec
 from ..evaluate import EvalSpec
 from ..networks import NetSpec
-from ..weighting.in_loop import IN_LOOP_DEFAULTS
+from ..weighting.in_loop import IN_LOOP_DEFAULTS, check_in_loop_options
 from ..weighting.trust import CROSSFIT_DEFAULTS
 from ..weighting.weighter import WEIGHTER_DEFAULTS
 
@@ -268,10 +268,9 @@ def validate(cfg: DistillConfig) -> None:
     need(spec.transform in TRANSFORMS, f"iwd.transform must be one of {TRANSFORMS}, got {spec.transform!r}")
     need(float(spec.temperature) > 0, f"iwd.temperature must be > 0, got {spec.temperature}")
     need(0.0 <= spec.ema <= 1.0 and 0.0 <= spec.floor <= 1.0, "iwd.ema and iwd.floor must lie in [0, 1]")
-    need(spec.refresh >= 1, f"iwd.refresh must be >= 1, got {spec.refresh}")
+    check_in_loop_options(spec.refresh, spec.heldout_batch, spec.heldout_keep, "iwd.")
     need(0.0 <= spec.heldout_fraction < 1.0, f"iwd.heldout_fraction must lie in [0, 1), got {spec.heldout_fraction}")
-    need(0.0 < spec.heldout_keep <= 1.0, f"iwd.heldout_keep must lie in (0, 1], got {spec.heldout_keep}")
-    need(spec.heldout_batch >= 1 and spec.warmup_steps >= 1, "iwd.heldout_batch and iwd.warmup_steps must be >= 1")
+    need(spec.warmup_steps >= 1, f"iwd.warmup_steps must be >= 1, got {spec.warmup_steps}")
     need(spec.pool_cleaning in POOL_CLEANINGS, f"iwd.pool_cleaning must be one of {POOL_CLEANINGS}, "
                                                f"got {spec.pool_cleaning!r}")
     need(spec.pool_cleaning == "none" or (cfg.weighting == "none" and init_mode(cfg) == "random"),

@@ -25,10 +25,21 @@ from .dropin import weighted_cross_entropy
 from .targets import validation_directions
 from .weighter import InfluenceWeighter
 
-__all__ = ["InLoopWeights", "IN_LOOP_DEFAULTS"]
+__all__ = ["InLoopWeights", "IN_LOOP_DEFAULTS", "check_in_loop_options"]
 
 # One set for this helper, the built-in loops (``IWDSpec`` reads them) and the README.
 IN_LOOP_DEFAULTS = {"refresh": 3, "heldout_fraction": 0.1, "heldout_batch": 256, "heldout_keep": 0.7}
+
+
+def check_in_loop_options(refresh, heldout_batch, heldout_keep, where: str) -> None:
+    """Refuse in-loop options that cannot run, in one line; ``where`` prefixes each name ("iwd." for a run's
+    config, "InLoopWeights: " for the helper), so both say the same thing."""
+    if not int(refresh) >= 1:
+        raise ValueError(f"{where}refresh must be >= 1, got {refresh}")
+    if not int(heldout_batch) >= 1:
+        raise ValueError(f"{where}heldout_batch must be >= 1, got {heldout_batch}")
+    if not 0.0 < float(heldout_keep) <= 1.0:
+        raise ValueError(f"{where}heldout_keep must lie in (0, 1], got {heldout_keep}")
 
 
 class InLoopWeights:
@@ -52,9 +63,7 @@ class InLoopWeights:
         if heldout_images.shape[0] != heldout_labels.shape[0] or heldout_labels.shape[0] == 0:
             raise ValueError(f"InLoopWeights: need as many held-out images as labels, at least one, got "
                              f"{heldout_images.shape[0]} images and {heldout_labels.shape[0]} labels")
-        if int(refresh) < 1 or int(heldout_batch) < 1 or not 0.0 < float(heldout_keep) <= 1.0:
-            raise ValueError(f"InLoopWeights: need refresh >= 1, heldout_batch >= 1 and 0 < heldout_keep <= 1, got "
-                             f"{refresh}, {heldout_batch} and {heldout_keep}")
+        check_in_loop_options(refresh, heldout_batch, heldout_keep, "InLoopWeights: ")
         self.weighter = InfluenceWeighter(labels, num_classes, **weighter)
         self.heldout_images, self.heldout_labels = heldout_images, heldout_labels
         self.refresh, self.heldout_batch, self.heldout_keep = int(refresh), int(heldout_batch), float(heldout_keep)

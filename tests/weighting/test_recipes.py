@@ -205,3 +205,19 @@ def test_in_loop_weights_refuses_a_mismatched_heldout_set():
         iwd_fast.InLoopWeights(y, C, x[:6], y[:5])
     with pytest.raises(ValueError, match=r"InLoopWeights \(heldout_labels\): labels outside \[0, 3\) at indices \[1\]"):
         iwd_fast.InLoopWeights(y, C, x[:2], torch.tensor([0, 7]))
+
+
+@pytest.mark.parametrize("option, value, words", [("refresh", 0, r"refresh must be >= 1, got 0"),
+                                                  ("heldout_batch", -2, r"heldout_batch must be >= 1, got -2"),
+                                                  ("heldout_keep", 0.0, r"heldout_keep must lie in \(0, 1\], got 0.0"),
+                                                  ("heldout_keep", float("nan"), r"heldout_keep must lie in \(0, 1\], got nan")])
+def test_in_loop_options_are_refused_alike_by_the_helper_and_a_run(option, value, words):
+    """InLoopWeights and a run's config share one check: the same option refused in the same words."""
+    from iwd_fast.distill.config import DistillConfig, validate
+    x, y = _data()
+    with pytest.raises(ValueError, match="InLoopWeights: " + words):
+        iwd_fast.InLoopWeights(y, C, x[:4], y[:4], **{option: value})
+    cfg = DistillConfig(method="dc", weighting="iwd")
+    setattr(cfg.iwd, option, value)
+    with pytest.raises(ValueError, match=r"iwd\." + words):
+        validate(cfg)
