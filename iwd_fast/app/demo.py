@@ -2,7 +2,8 @@
 
 For every seed, two runs share noise, split and evaluation networks: unweighted (random real images to
 start, uniform weights) and IWD (the recipe the measurements recommend under label noise,
-``presets.noisy_label_recipe``: for DC in-loop weights from weighted initial images). The data is a
+``presets.noisy_label_recipe``: for DC ``auto``, the cross-fitted trust weights with initial images drawn
+among the trusted). The data is a
 class-stratified Fashion-MNIST subset when its files are found (Debian's dataset-fashion-mnist, a
 ``--data-root`` folder or the cache), else scikit-learn's digits, which ships inside scikit-learn. The
 runs are the cells of a small benchmark suite (two at a time, one thread each), so a second call

@@ -54,6 +54,8 @@ def test_demo_on_smoke_budget_then_report(tmp_path, capsys):
     assert sorted((r["seed"], r["weighting"] == "none") for r in rows) == [(0, False), (0, True), (1, False), (1, True)]
     for r in rows:
         assert {"seed", "weighting", "init_accuracy", "accuracy", "weight_on_flipped", "auroc_flipped", "seconds"} <= set(r)
+    # the IWD runs are the recommended noisy-label setting of DC: trust weights, initial images among the trusted
+    assert {r["weighting"] for r in rows if r["weighting"] != "none"} == {"iwd (auto, init trusted)"}
     assert (tmp_path / "demo_table.md").is_file() and (tmp_path / "demo_accuracy.png").stat().st_size > 0
     # the demo is a suite: its results.jsonl is what `iwd-fast report` reads
     assert main(["report", str(tmp_path / "results.jsonl"), "--baseline", "unweighted",
