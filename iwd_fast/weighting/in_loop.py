@@ -34,11 +34,17 @@ IN_LOOP_DEFAULTS = {"refresh": 3, "heldout_fraction": 0.1, "heldout_batch": 256,
 def check_in_loop_options(refresh, heldout_batch, heldout_keep, where: str) -> None:
     """Refuse in-loop options that cannot run, in one line; ``where`` prefixes each name ("iwd." for a run's
     config, "InLoopWeights: " for the helper), so both say the same thing."""
-    if not int(refresh) >= 1:
+    def number(value, kind, name: str):
+        try:
+            return kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{where}{name} must be a number, got {value!r}") from None
+
+    if not number(refresh, int, "refresh") >= 1:
         raise ValueError(f"{where}refresh must be >= 1, got {refresh}")
-    if not int(heldout_batch) >= 1:
+    if not number(heldout_batch, int, "heldout_batch") >= 1:
         raise ValueError(f"{where}heldout_batch must be >= 1, got {heldout_batch}")
-    if not 0.0 < float(heldout_keep) <= 1.0:
+    if not 0.0 < number(heldout_keep, float, "heldout_keep") <= 1.0:
         raise ValueError(f"{where}heldout_keep must lie in (0, 1], got {heldout_keep}")
 
 

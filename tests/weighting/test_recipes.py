@@ -210,7 +210,9 @@ def test_in_loop_weights_refuses_a_mismatched_heldout_set():
 @pytest.mark.parametrize("option, value, words", [("refresh", 0, r"refresh must be >= 1, got 0"),
                                                   ("heldout_batch", -2, r"heldout_batch must be >= 1, got -2"),
                                                   ("heldout_keep", 0.0, r"heldout_keep must lie in \(0, 1\], got 0.0"),
-                                                  ("heldout_keep", float("nan"), r"heldout_keep must lie in \(0, 1\], got nan")])
+                                                  ("heldout_keep", float("nan"), r"heldout_keep must lie in \(0, 1\], got nan"),
+                                                  ("refresh", "three", r"refresh must be a number, got 'three'"),
+                                                  ("heldout_batch", float("nan"), r"heldout_batch must be a number, got nan")])
 def test_in_loop_options_are_refused_alike_by_the_helper_and_a_run(option, value, words):
     """InLoopWeights and a run's config share one check: the same option refused in the same words."""
     from iwd_fast.distill.config import DistillConfig, validate
