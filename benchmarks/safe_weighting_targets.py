@@ -24,10 +24,9 @@ import argparse
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from scipy import stats
 
 from harness import write_section
-from iwd_fast.app.report import load_rows, markdown_table, paired
+from iwd_fast.app.report import load_rows, markdown_table, paired, won_back
 
 BASELINE = "unweighted"
 SECTION = "safe-weighting-targets"
@@ -58,16 +57,20 @@ def _ci(d: dict) -> str:
     return f"{_pp(d['mean'])} [{_pp(d['ci_low'])}, {_pp(d['ci_high'])}], p={d['p']:.3g}, n={d['n']}"
 
 
+def _met(d: dict, floor: float) -> bool:
+    """A paired difference meets ``floor`` when its mean is >= ``floor``; a floor of 0 or below ("not behind")
+    also needs the CI's upper end to reach 0."""
+    return d["mean"] >= floor and (floor > 0 or d["ci_high"] >= 0)
+
+
 def gain_row(rows, candidate: str, cell: Cell, label: str, floor: float) -> List[str]:
-    """Paired gain over unweighted at ``cell``: met when the mean is >= ``floor`` and (for a floor below 0,
-    "not behind") the CI's upper end reaches 0."""
+    """Paired gain over unweighted at ``cell`` against ``floor`` (``_met``)."""
     a, b = accuracy_by_seed(rows, candidate, cell), accuracy_by_seed(rows, BASELINE, cell)
     seeds = _common(a, b)
     if len(seeds) < 2:
         return [label, "-", f"rows missing ({len(seeds)} paired seeds)", "not measured"]
     d = paired([a[s] for s in seeds], [b[s] for s in seeds])
-    met = d["mean"] >= floor and (floor > 0 or d["ci_high"] >= 0)
-    return [label, _pp(d["mean"]), _ci(d), "MET" if met else "NOT MET"]
+    return [label, _pp(d["mean"]), _ci(d), "MET" if _met(d, floor) else "NOT MET"]
 
 
 def recovery_row(rows, candidate: str, cell: Cell, label: str, share: float) -> List[str]:
@@ -79,15 +82,14 @@ def recovery_row(rows, candidate: str, cell: Cell, label: str, share: float) -> 
         return [label, "-", f"rows missing ({len(seeds)} paired seeds)", "not measured"]
     won = np.array([a[s] - b[s] for s in seeds])
     cost = np.array([clean[s] - b[s] for s in seeds])
-    d = won - share * cost
-    p = float(stats.ttest_1samp(d, 0.0, alternative="greater").pvalue) if d.std() > 0 else float("nan")
-    measured = f"{won.mean() / cost.mean():.0%}" if cost.mean() > 0 else "n/a (no noise cost)"
+    measured, p = won_back(won, cost, share)
     return [label, measured, f"won {_pp(won.mean())} of a {100 * cost.mean():.1f}-point cost; one-sided p={p:.3g}, "
                              f"n={len(seeds)}", "MET" if p < 0.05 else "NOT MET"]
 
 
 def baseline_row(rows, candidate: str, cell: Cell, label: str, margin: float) -> List[str]:
-    """The candidate against the best pool-cleaning baseline at ``cell`` (best by mean over common seeds)."""
+    """The candidate against the best pool-cleaning baseline at ``cell`` (best by mean over common seeds),
+    against ``margin`` (``_met``)."""
     names = sorted({r["variant"] for r in rows if r["variant"].startswith("prune") or r["variant"] == "relabel"})
     a = accuracy_by_seed(rows, candidate, cell)
     scored = []
@@ -100,8 +102,7 @@ def baseline_row(rows, candidate: str, cell: Cell, label: str, margin: float) ->
         return [label, "-", "rows missing", "not measured"]
     _, best, seeds, b = max(scored)
     d = paired([a[s] for s in seeds], [b[s] for s in seeds])
-    met = d["mean"] >= margin if margin > 0 else d["mean"] >= margin and d["ci_high"] >= 0
-    return [label, _pp(d["mean"]), f"against {best}: {_ci(d)}", "MET" if met else "NOT MET"]
+    return [label, _pp(d["mean"]), f"against {best}: {_ci(d)}", "MET" if _met(d, margin) else "NOT MET"]
 
 
 def targets(rows, candidate: str) -> List[List[str]]:

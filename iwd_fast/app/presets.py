@@ -210,9 +210,8 @@ DEFAULT_WEIGHTING: Dict[str, str] = {}
 # cross-fitted trust weights with initial images drawn among the trusted (benchmarks/RESULTS.md 1e, 4 paired seeds
 # at the cpu preset: +7.4 points over unweighted at 40% symmetric noise against +4.6 for in-loop weights from
 # weighted initial images in 1c, +0.8 on clean labels; the demo on digits +3.4 paired where that recipe lost
-# 3.3). DSA and IDC keep the recipe
-# measured for them (in-loop weights from weighted initial images: DC's loop, and IDC +2.8 under 30% noise in
-# section 4); "auto" was not measured there. Methods not listed: unweighted, weighted initial images (DM: in-loop
+# 3.3). DSA and IDC keep the recipe measured for them (in-loop weights from weighted initial images: DC's loop,
+# and IDC +2.8 under 30% noise in section 4); "auto" was not measured there. Methods not listed: unweighted, weighted initial images (DM: in-loop
 # weights changed nothing; MTT/DATM: weighted experts cost accuracy). ``iwd-fast demo`` runs it.
 NOISY_LABEL_RECIPE: Dict[str, Tuple[str, str]] = {"dc": ("auto", "auto"), "dsa": ("iwd", "weighted"),
                                                   "idc": ("iwd", "weighted")}

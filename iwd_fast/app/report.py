@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["load_rows", "paired", "render", "plot_suite", "markdown_table", "replace_section", "main_report"]
+__all__ = ["load_rows", "paired", "won_back", "render", "plot_suite", "markdown_table", "replace_section", "main_report"]
 
 TABLE_KEYS = ("grid", "method", "dataset", "ipc", "noise", "noise_kind", "budget")
 LOOPED_METHODS = ("dc", "dsa")  # methods whose iterations are outer x inner loops (the header says so)
@@ -184,10 +184,20 @@ def _stage_lines(rows: List[Dict[str, Any]]) -> List[str]:
     return ["\n" + "\n".join(lines)]
 
 
-def _recovery(stats: Dict, baseline: str, clean_acc: Dict[int, float]) -> List[str]:
-    """Per variant: the share of the noise cost won back, and the one-sided test of winning back half."""
+def won_back(won: np.ndarray, cost: np.ndarray, share: float) -> Tuple[str, float]:
+    """Paired per seed: ``won`` = variant - baseline under noise, ``cost`` = baseline clean - baseline noisy
+    ([n] each). Returns the share of the cost won back as text and the one-sided paired t-test p-value of
+    winning back at least ``share`` of it (nan when the differences do not vary)."""
     from scipy import stats as st
 
+    d = won - share * cost
+    p = float(st.ttest_1samp(d, 0.0, alternative="greater").pvalue) if d.std() > 0 else float("nan")
+    text = f"{won.mean() / cost.mean():.0%}" if cost.mean() > 0 else "n/a: the noise cost nothing here"
+    return text, p
+
+
+def _recovery(stats: Dict, baseline: str, clean_acc: Dict[int, float]) -> List[str]:
+    """Per variant: the share of the noise cost won back, and the one-sided test of winning back half."""
     lines = []
     base = stats.get(baseline, {}).get("acc", {})
     for name, s in stats.items():
@@ -198,9 +208,7 @@ def _recovery(stats: Dict, baseline: str, clean_acc: Dict[int, float]) -> List[s
             continue
         cost = np.array([clean_acc[k] - base[k] for k in seeds])
         won = np.array([s["acc"][k] - base[k] for k in seeds])
-        d = won - 0.5 * cost
-        p = float(st.ttest_1samp(d, 0.0, alternative="greater").pvalue) if d.std() > 0 else float("nan")
-        share = f"{won.mean() / cost.mean():.0%}" if cost.mean() > 0 else "n/a: the noise cost nothing here"
+        share, p = won_back(won, cost, 0.5)
         lines.append(f"- {name}: wins back {100 * won.mean():+.1f} of a {100 * cost.mean():.1f}-point noise cost "
                      f"({share}); at least half: {'yes' if p < 0.05 else 'not shown'} "
                      f"(one-sided paired t-test {_fmt_p(p)}, {len(seeds)} seeds)")
